@@ -1,0 +1,269 @@
+// The only pybind11 module: thin wrappers that read pointers, shapes and strides, release the GIL and call the ops.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "common/check.h"
+#include "common/dtype.h"
+#include "common/parallel.h"
+#include "covariance.h"
+#include "device.h"
+#include "svd.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using pg::DType;
+using pg::MatrixView;
+
+// dtype of a host array; bfloat16 arrives as a 2-byte integer view of a torch tensor with `bf16` set.
+DType host_dtype(const py::array& a, bool bf16, const char* name) {
+  const char kind = a.dtype().kind();
+  const auto size = a.itemsize();
+  if (bf16) {
+    PG_CHECK_TYPE((kind == 'i' || kind == 'u') && size == 2, name,
+                  ": a bfloat16 buffer must be passed as a 2-byte integer view");
+    return DType::bfloat16;
+  }
+  if (kind == 'f' && size == 2) return DType::float16;
+  if (kind == 'f' && size == 4) return DType::float32;
+  if (kind == 'f' && size == 8) return DType::float64;
+  throw pg::type_error(pg::str_cat(name, " must be float16, bfloat16, float32 or float64, got dtype ",
+                                   std::string(py::str(a.dtype()))));
+}
+
+MatrixView host_matrix(const py::array& a, bool bf16, const char* name) {
+  PG_CHECK(a.ndim() == 2, name, " must be 2-D [n, d], got ", a.ndim(), " dimension(s)");
+  MatrixView v;
+  v.dtype = host_dtype(a, bf16, name);
+  const auto item = a.itemsize();
+  PG_CHECK(a.strides(0) % item == 0 && a.strides(1) % item == 0, name, " has strides that are not a multiple of ",
+           "its item size");
+  v.data = a.data();
+  v.rows = a.shape(0);
+  v.cols = a.shape(1);
+  v.row_stride = a.strides(0) / item;
+  v.col_stride = a.strides(1) / item;
+  return v;
+}
+
+template <typename T>
+T* mutable_data(py::array& a, const char* name, std::initializer_list<py::ssize_t> shape) {
+  PG_CHECK_TYPE(py::isinstance<py::array_t<T>>(a) && a.dtype().is(py::dtype::of<T>()), name, " has the wrong dtype ",
+                std::string(py::str(a.dtype())));
+  PG_CHECK(a.writeable(), name, " must be writeable");
+  PG_CHECK(a.flags() & py::array::c_style, name, " must be C-contiguous");
+  PG_CHECK(static_cast<size_t>(a.ndim()) == shape.size(), name, " must have ", shape.size(), " dimensions");
+  size_t i = 0;
+  for (auto s : shape) {
+    PG_CHECK(a.shape(i) == s, name, " has shape[", i, "] = ", a.shape(i), ", expected ", s);
+    ++i;
+  }
+  return static_cast<T*>(a.mutable_data());
+}
+
+pg::CovState host_state(py::array& count, py::array& mean, py::array& m2) {
+  PG_CHECK(mean.ndim() == 2, "mean must be [G, d]");
+  pg::CovState st;
+  st.n_groups = mean.shape(0);
+  st.dim = mean.shape(1);
+  st.count = mutable_data<int64_t>(count, "count", {st.n_groups});
+  st.mean = mutable_data<double>(mean, "mean", {st.n_groups, st.dim});
+  st.m2 = mutable_data<double>(m2, "m2", {st.n_groups, st.dim, st.dim});
+  return st;
+}
+
+const int64_t* host_groups(const py::object& groups, int64_t n, py::array& keep) {
+  if (groups.is_none()) return nullptr;
+  keep = py::array::ensure(groups);
+  PG_CHECK_TYPE(keep && keep.dtype().is(py::dtype::of<int64_t>()), "groups must be an int64 array");
+  PG_CHECK(keep.ndim() == 1 && keep.shape(0) == n, "groups must have shape [", n, "]");
+  PG_CHECK(keep.flags() & py::array::c_style, "groups must be C-contiguous");
+  return static_cast<const int64_t*>(keep.data());
+}
+
+// Allocates an output in the compute type of `dt` (float32 for the 2-byte types).
+py::array compute_array(DType dt, std::vector<py::ssize_t> shape) {
+  if (dt == DType::float64) return py::array_t<double>(shape);
+  return py::array_t<float>(shape);
+}
+
+void check_compute_q(const py::array& q, DType dt, int64_t n, const char* name) {
+  const bool f64 = dt == DType::float64;
+  PG_CHECK_TYPE(q.dtype().is(f64 ? py::dtype::of<double>() : py::dtype::of<float>()), name, " must be ",
+                f64 ? "float64" : "float32", " for this input");
+  PG_CHECK(q.ndim() == 2 && q.shape(0) == n, name, " must be [", n, ", l]");
+  PG_CHECK(q.flags() & py::array::c_style, name, " must be C-contiguous");
+}
+
+std::string compiler_info() {
+#if defined(__clang__)
+  return pg::str_cat("clang ", __clang_major__, ".", __clang_minor__, ".", __clang_patchlevel__);
+#elif defined(__GNUC__)
+  return pg::str_cat("gcc ", __GNUC__, ".", __GNUC_MINOR__, ".", __GNUC_PATCHLEVEL__);
+#else
+  return "unknown";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "poisonguard compiled kernels (C++ / CUDA). Use the Python API in poisonguard.ops.";
+  py::register_exception<pg::type_error>(m, "KernelTypeError", PyExc_TypeError);
+
+  m.attr("__version__") = PG_VERSION;
+
+  m.def("covariance_update",
+        [](const py::array& x, const py::object& groups, py::array count, py::array mean, py::array m2, bool bf16) {
+          MatrixView v = host_matrix(x, bf16, "x");
+          pg::CovState st = host_state(count, mean, m2);
+          py::array keep;
+          const int64_t* g = host_groups(groups, v.rows, keep);
+          py::gil_scoped_release nogil;
+          pg::covariance_update_cpu(v, g, st);
+        },
+        py::arg("x"), py::arg("groups"), py::arg("count"), py::arg("mean"), py::arg("m2"), py::arg("bf16") = false,
+        "Adds x [n, d] (rows grouped by int64 groups [n] or None) into the host state (count [G], mean [G, d], "
+        "m2 [G, d, d] upper triangle), in place.");
+
+  m.def("covariance_merge",
+        [](py::array ca, py::array ma, py::array sa, py::array cb, py::array mb, py::array sb) {
+          pg::CovState a = host_state(ca, ma, sa);
+          pg::CovState b = host_state(cb, mb, sb);
+          py::gil_scoped_release nogil;
+          pg::covariance_merge_cpu(a, b);
+        },
+        "Merges state b into state a (Chan's formula), in place on a.");
+
+  m.def("covariance_update_cuda",
+        [](std::uintptr_t x_ptr, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride, int dtype,
+           std::uintptr_t groups_ptr, int64_t n_groups, std::uintptr_t count_ptr, std::uintptr_t mean_ptr,
+           std::uintptr_t m2_ptr, std::uintptr_t stream) {
+          PG_CHECK(dtype >= 0 && dtype <= 3, "unknown dtype code ", dtype);
+          MatrixView v;
+          v.data = reinterpret_cast<const void*>(x_ptr);
+          v.rows = rows;
+          v.cols = cols;
+          v.row_stride = row_stride;
+          v.col_stride = col_stride;
+          v.dtype = static_cast<DType>(dtype);
+          pg::CovState st;
+          st.n_groups = n_groups;
+          st.dim = cols;
+          st.count = reinterpret_cast<int64_t*>(count_ptr);
+          st.mean = reinterpret_cast<double*>(mean_ptr);
+          st.m2 = reinterpret_cast<double*>(m2_ptr);
+          py::gil_scoped_release nogil;
+          pg::covariance_update_cuda(v, reinterpret_cast<const int64_t*>(groups_ptr), st, stream);
+        },
+        py::arg("x_ptr"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("col_stride"),
+        py::arg("dtype"), py::arg("groups_ptr"), py::arg("n_groups"), py::arg("count_ptr"), py::arg("mean_ptr"),
+        py::arg("m2_ptr"), py::arg("stream"),
+        "Device version of covariance_update: all pointers are CUDA device pointers, strides in elements.");
+
+  m.def("gram",
+        [](const py::array& a, bool bf16) {
+          MatrixView v = host_matrix(a, bf16, "a");
+          py::array_t<double> out({v.cols, v.cols});
+          double* o = out.mutable_data();
+          {
+            py::gil_scoped_release nogil;
+            pg::gram_cpu(v, o);
+          }
+          return out;
+        },
+        py::arg("a"), py::arg("bf16") = false, "A^T A [n, n] float64 for a [m, n].");
+
+  m.def("power_pass",
+        [](const py::array& a, const py::array& q, bool bf16) {
+          MatrixView v = host_matrix(a, bf16, "a");
+          check_compute_q(q, v.dtype, v.cols, "q");
+          const int64_t l = q.shape(1);
+          py::array_t<double> z({v.cols, l});
+          double* zp = z.mutable_data();
+          {
+            py::gil_scoped_release nogil;
+            pg::power_pass_cpu(v, q.data(), l, zp);
+          }
+          return z;
+        },
+        py::arg("a"), py::arg("q"), py::arg("bf16") = false, "z [n, l] float64 = a^T (a q), one pass over a.");
+
+  m.def("project",
+        [](const py::array& a, const py::array& q, bool bf16) {
+          MatrixView v = host_matrix(a, bf16, "a");
+          check_compute_q(q, v.dtype, v.cols, "q");
+          const int64_t l = q.shape(1);
+          py::array y = compute_array(v.dtype, {v.rows, l});
+          py::array_t<double> yty({l, l});
+          void* yp = y.mutable_data();
+          double* gp = yty.mutable_data();
+          {
+            py::gil_scoped_release nogil;
+            pg::project_cpu(v, q.data(), l, yp, gp);
+          }
+          return py::make_tuple(y, yty);
+        },
+        py::arg("a"), py::arg("q"), py::arg("bf16") = false,
+        "(y [m, l], y^T y [l, l] float64) with y = a q in the compute type.");
+
+  m.def("orthonormalize",
+        [](py::array q) {
+          PG_CHECK(q.ndim() == 2, "q must be 2-D");
+          const int64_t n = q.shape(0), l = q.shape(1);
+          double* p = mutable_data<double>(q, "q", {n, l});
+          py::gil_scoped_release nogil;
+          pg::orthonormalize_cpu(p, n, l);
+        },
+        py::arg("q"), "In place: columns of float64 q [n, l] (n >= l) -> orthonormal basis (Householder QR).");
+
+  m.def("eigh_top",
+        [](const py::array& c, int64_t k) {
+          PG_CHECK(c.ndim() == 2 && c.shape(0) == c.shape(1), "c must be square [d, d]");
+          PG_CHECK_TYPE(c.dtype().is(py::dtype::of<double>()), "c must be float64");
+          PG_CHECK(c.flags() & py::array::c_style, "c must be C-contiguous");
+          const int64_t d = c.shape(0);
+          PG_CHECK(k >= 0 && k <= d, "k must be in [0, ", d, "], got ", k);
+          py::array_t<double> w(k), v({d, k});
+          const double* cp = static_cast<const double*>(c.data());
+          double* wp = w.mutable_data();
+          double* vp = v.mutable_data();
+          {
+            py::gil_scoped_release nogil;
+            pg::eigh_top_cpu(cp, d, k, wp, vp);
+          }
+          return py::make_tuple(w, v);
+        },
+        py::arg("c"), py::arg("k"), "k largest eigenpairs of symmetric float64 c: (w [k] descending, v [d, k]).");
+
+  m.def("gaussian",
+        [](uint64_t seed, int64_t rows, int64_t cols) {
+          PG_CHECK(rows >= 0 && cols >= 0, "shape must be non-negative");
+          py::array_t<double> out({rows, cols});
+          pg::gaussian_cpu(seed, rows * cols, out.mutable_data());
+          return out;
+        },
+        py::arg("seed"), py::arg("rows"), py::arg("cols"), "Deterministic standard normal [rows, cols] float64.");
+
+  m.def("get_num_threads", &pg::get_num_threads);
+  m.def("set_num_threads", &pg::set_num_threads, py::arg("n"));
+  m.def("blas_get_num_threads", &pg::blas_get_num_threads);
+  m.def("blas_set_num_threads", &pg::blas_set_num_threads, py::arg("n"));
+  m.def("built_with_cuda", &pg::built_with_cuda);
+  m.def("cuda_device_count", &pg::cuda_device_count);
+  m.def("build_info", []() {
+    py::dict d;
+    d["version"] = PG_VERSION;
+    d["cuda"] = pg::built_with_cuda();
+    d["cuda_version"] = pg::built_with_cuda() ? py::object(py::str(pg::cuda_runtime_version())) : py::none();
+    d["blas"] = pg::str_cat("OpenBLAS ", PG_OPENBLAS_VERSION, " (", pg::blas_config(), ")");
+    d["blas_threads"] = pg::blas_get_num_threads();
+    d["threads"] = pg::get_num_threads();
+    d["compiler"] = compiler_info();
+    return d;
+  });
+}

@@ -1,0 +1,40 @@
+// A minimal fork-join helper. Threads are started per call and exit at once, so nothing spins between calls and
+// OpenBLAS's own pool keeps the cores when it runs.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace pg {
+
+/// Threads used by poisonguard's own loops (default: hardware concurrency).
+int get_num_threads();
+void set_num_threads(int n);
+
+/// Calls fn(thread_index, begin, end) on `n_threads` contiguous ranges covering [0, n); runs inline when one range
+/// suffices (n < min_per_thread * 2 or one thread). Exceptions thrown by fn are rethrown in the caller.
+void parallel_for(int64_t n, int64_t min_per_thread, const std::function<void(int, int64_t, int64_t)>& fn);
+
+/// The number of ranges parallel_for(n, min_per_thread, ...) will use.
+int parallel_ranges(int64_t n, int64_t min_per_thread);
+
+int blas_get_num_threads();
+void blas_set_num_threads(int n);
+const char* blas_config();
+
+}  // namespace pg
+
+namespace pg {
+
+/// Calls fn(i) for every row i of a d x d upper triangle, rows paired (i, d-1-i) so threads get equal work.
+template <typename F>
+void for_upper_rows(int64_t d, F&& fn) {
+  parallel_for((d + 1) / 2, 16, [&](int, int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      fn(k);
+      if (d - 1 - k != k) fn(d - 1 - k);
+    }
+  });
+}
+
+}  // namespace pg

@@ -1,0 +1,38 @@
+// Streaming per-group mean / scatter accumulation (the state behind StreamingCovariance).
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace pg {
+
+/// Accumulator state owned by the caller (numpy arrays on the host, torch tensors on the device).
+/// Only the upper triangle (j >= i, row-major) of each m2 block is maintained; the caller mirrors it.
+struct CovState {
+  int64_t n_groups = 0;
+  int64_t dim = 0;
+  int64_t* count = nullptr;  // [G]
+  double* mean = nullptr;    // [G, d]
+  double* m2 = nullptr;      // [G, d, d], upper triangle valid
+};
+
+/// Adds the rows of `x` to the state: per group g, centres its rows (shifted by the running mean, or the group's
+/// first row when the group is empty), scatter via SYRK in the compute type (fp32 for fp16/bf16/fp32, fp64 for
+/// fp64), merge into the fp64 state with Chan's formula. Throws std::invalid_argument (state untouched) on group ids
+/// out of range or rows with NaN/Inf. `groups` may be null (all rows in group 0).
+void covariance_update_cpu(const MatrixView& x,    // [n, d]
+                           const int64_t* groups,  // [n] or nullptr
+                           CovState state);
+
+/// Same on device memory: x, groups and the state are device pointers; work is enqueued on `stream`
+/// (a cudaStream_t given as an integer). Synchronises the stream once to read per-group counts.
+void covariance_update_cuda(const MatrixView& x,    // [n, d] device
+                            const int64_t* groups,  // [n] device, or nullptr
+                            CovState state,         // device pointers
+                            std::uintptr_t stream);
+
+/// Merges state `b` into `a` (Chan's parallel formula), host memory, upper triangles.
+void covariance_merge_cpu(CovState a, const CovState& b);
+
+}  // namespace pg

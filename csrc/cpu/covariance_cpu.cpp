@@ -1,0 +1,252 @@
+// Streaming per-group covariance on the CPU: gather + shift (one read of x), SYRK per group run in the compute type,
+// fp64 merge (Chan et al.'s pairwise update).
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/blas.h"
+#include "common/check.h"
+#include "common/parallel.h"
+#include "covariance.h"
+
+namespace pg {
+
+namespace {
+
+// Rows gathered per window are capped so the compute-type buffer stays near 64 MiB whatever d is.
+constexpr int64_t kWindowBytes = int64_t{64} << 20;
+// Rows per SYRK call: bounds the length of the fp32 sums before they are added in fp64.
+constexpr int64_t kMaxSyrkRows = 8192;
+
+struct Run {
+  int64_t group;
+  int64_t begin;  // positions in the group-sorted order
+  int64_t end;
+};
+
+template <typename Tag>
+bool row_finite(const MatrixView& x, int64_t r) {
+  using S = typename Tag::storage;
+  const S* p = x.row<S>(r);
+  for (int64_t j = 0; j < x.cols; ++j)
+    if (!std::isfinite(static_cast<double>(load(Tag{}, p + j * x.col_stride)))) return false;
+  return true;
+}
+
+template <typename Tag>
+void throw_non_finite(const MatrixView& x) {
+  int64_t bad = 0, first = -1;
+  for (int64_t r = 0; r < x.rows; ++r) {
+    if (!row_finite<Tag>(x, r)) {
+      if (first < 0) first = r;
+      ++bad;
+    }
+  }
+  if (bad > 0)
+    throw std::invalid_argument(str_cat("x contains NaN or Inf in ", bad, " row(s) (first at row ", first,
+                                        "); nothing from this chunk was accumulated"));
+  throw std::invalid_argument(
+      "x holds values so large that their sums overflow float64; nothing from this chunk was accumulated");
+}
+
+template <typename Tag>
+void update_impl(const MatrixView& x, const int64_t* groups, CovState st) {
+  using S = typename Tag::storage;
+  using C = typename Tag::compute;
+  const int64_t n = x.rows, d = x.cols, G = st.n_groups;
+
+  // Counting sort of the rows by group (stable: rows keep their order inside a group).
+  std::vector<int64_t> offset(G + 1, 0);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t g = groups ? groups[r] : 0;
+    PG_CHECK(g >= 0 && g < G, "group id ", g, " at row ", r, " is outside [0, ", G, ")");
+    ++offset[g + 1];
+  }
+  for (int64_t g = 0; g < G; ++g) offset[g + 1] += offset[g];
+  std::vector<int64_t> perm(n), group_of(n);
+  {
+    std::vector<int64_t> next(offset.begin(), offset.end() - 1);
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t g = groups ? groups[r] : 0;
+      group_of[next[g]] = g;
+      perm[next[g]++] = r;
+    }
+  }
+
+  // Shift per group: the running mean when the group has data (then the fp32 difference is small and, near the
+  // mean, exact), else the group's first row in this chunk.
+  std::vector<C> shift(static_cast<size_t>(G) * d);
+  for (int64_t g = 0; g < G; ++g) {
+    if (offset[g + 1] == offset[g]) continue;
+    C* s = shift.data() + g * d;
+    if (st.count[g] > 0) {
+      for (int64_t j = 0; j < d; ++j) s[j] = static_cast<C>(st.mean[g * d + j]);
+    } else {
+      const S* p = x.row<S>(perm[offset[g]]);
+      for (int64_t j = 0; j < d; ++j) s[j] = load(Tag{}, p + j * x.col_stride);
+    }
+  }
+
+  const int64_t window = std::max<int64_t>(64, kWindowBytes / (std::max<int64_t>(d, 1) * int64_t(sizeof(C))));
+  const bool one_window = n <= window;
+  if (!one_window) {
+    // Several windows merge separately: check the whole chunk first so a bad row leaves the state untouched.
+    bool finite = true;
+    for (int64_t r = 0; r < n && finite; ++r) finite = row_finite<Tag>(x, r);
+    if (!finite) throw_non_finite<Tag>(x);
+  }
+
+  // Working buffers persist across calls (per calling thread): re-touching fresh pages on every chunk costs more
+  // than the gather itself.
+  static thread_local std::vector<C> buf, scatter;
+  if (buf.size() < static_cast<size_t>(std::min(n, window) * d)) buf.resize(std::min(n, window) * d);
+  if (scatter.size() < static_cast<size_t>(d * d)) scatter.resize(d * d);
+  // Lambdas below run on other threads: they must see this thread's buffers, not their own thread_local ones.
+  C* const buf_data = buf.data();
+  C* const scatter_data = scatter.data();
+  const bool unit_cols = x.col_stride == 1;
+
+  for (int64_t w0 = 0; w0 < n; w0 += window) {
+    const int64_t w1 = std::min(n, w0 + window);
+    // Runs of one group inside the window.
+    std::vector<Run> runs;
+    for (int64_t p = w0; p < w1;) {
+      const int64_t g = group_of[p];
+      const int64_t e = std::min(w1, offset[g + 1]);
+      runs.push_back({g, p, e});
+      p = e;
+    }
+    // Gather + shift, with per-run column sums in fp64 (each thread owns the runs its range touches).
+    const int n_ranges = parallel_ranges(w1 - w0, 256);
+    std::vector<std::vector<double>> part_sums(n_ranges);
+    std::vector<size_t> part_first_run(n_ranges, 0);
+    parallel_for(w1 - w0, 256, [&](int t, int64_t b, int64_t e) {
+      size_t ri = 0;
+      while (runs[ri].end <= w0 + b) ++ri;
+      part_first_run[t] = ri;
+      size_t last = ri;
+      while (last + 1 < runs.size() && runs[last + 1].begin < w0 + e) ++last;
+      std::vector<double>& sums = part_sums[t];
+      sums.assign((last - ri + 1) * d, 0.0);
+      for (int64_t q = b; q < e; ++q) {
+        const int64_t p = w0 + q;
+        while (runs[ri].end <= p) ++ri;
+        const int64_t g = runs[ri].group;
+        const S* __restrict src = x.row<S>(perm[p]);
+        const C* __restrict s = shift.data() + g * d;
+        C* __restrict y = buf_data + q * d;
+        double* __restrict acc = sums.data() + (ri - part_first_run[t]) * d;
+        if (unit_cols) {
+          for (int64_t j = 0; j < d; ++j) {
+            const C v = load(Tag{}, src + j) - s[j];
+            y[j] = v;
+            acc[j] += static_cast<double>(v);
+          }
+        } else {
+          for (int64_t j = 0; j < d; ++j) {
+            const C v = load(Tag{}, src + j * x.col_stride) - s[j];
+            y[j] = v;
+            acc[j] += static_cast<double>(v);
+          }
+        }
+      }
+    });
+    std::vector<double> run_sums(runs.size() * d, 0.0);
+    for (int t = 0; t < n_ranges; ++t) {
+      const size_t nr = part_sums[t].size() / std::max<int64_t>(d, 1);
+      for (size_t k = 0; k < nr; ++k) {
+        double* dst = run_sums.data() + (part_first_run[t] + k) * d;
+        const double* src = part_sums[t].data() + k * d;
+        for (int64_t j = 0; j < d; ++j) dst[j] += src[j];
+      }
+    }
+    if (one_window) {
+      for (double v : run_sums)
+        if (!std::isfinite(v)) throw_non_finite<Tag>(x);
+    }
+
+    // Per run: scatter of the shifted rows, then Chan's merge into the fp64 state (upper triangle).
+    std::vector<double> delta(d), dmu(d);
+    for (size_t ri = 0; ri < runs.size(); ++ri) {
+      const Run& run = runs[ri];
+      const int64_t g = run.group, nb = run.end - run.begin;
+      const int64_t na = st.count[g], ntot = na + nb;
+      const C* s = shift.data() + g * d;
+      double* mean = st.mean + g * d;
+      double* m2 = st.m2 + g * d * d;
+      for (int64_t j = 0; j < d; ++j) {
+        delta[j] = run_sums[ri * d + j] / static_cast<double>(nb);
+        const double mub = static_cast<double>(s[j]) + delta[j];
+        dmu[j] = na > 0 ? mub - mean[j] : 0.0;
+      }
+      const double f = na > 0 ? static_cast<double>(na) * static_cast<double>(nb) / static_cast<double>(ntot) : 0.0;
+      const double nbd = static_cast<double>(nb);
+      for (int64_t k0 = run.begin; k0 < run.end; k0 += kMaxSyrkRows) {
+        const int64_t kr = std::min(run.end, k0 + kMaxSyrkRows) - k0;
+        syrk_ata<C>(blas_int(d, "n_features"), blas_int(kr, "rows"), C(1), buf_data + (k0 - w0) * d,
+                    blas_int(d, "n_features"), C(0), scatter_data, blas_int(d, "n_features"));
+        const bool first = k0 == run.begin;
+        for_upper_rows(d, [&](int64_t i) {
+          {
+            double* __restrict mrow = m2 + i * d;
+            const C* __restrict crow = scatter_data + i * d;
+            const double* __restrict dl = delta.data();
+            const double* __restrict dm = dmu.data();
+            if (first) {
+              const double ci = -nbd * delta[i], fi = f * dmu[i];
+              for (int64_t j = i; j < d; ++j)
+                mrow[j] += static_cast<double>(crow[j]) + ci * dl[j] + fi * dm[j];
+            } else {
+              for (int64_t j = i; j < d; ++j) mrow[j] += static_cast<double>(crow[j]);
+            }
+          }
+        });
+      }
+      for (int64_t j = 0; j < d; ++j) mean[j] = na > 0 ? mean[j] + dmu[j] * nbd / static_cast<double>(ntot)
+                                                       : static_cast<double>(s[j]) + delta[j];
+      st.count[g] = ntot;
+    }
+  }
+}
+
+}  // namespace
+
+void covariance_update_cpu(const MatrixView& x, const int64_t* groups, CovState st) {
+  PG_CHECK(x.cols == st.dim, "x has ", x.cols, " features but the accumulator was built for ", st.dim);
+  PG_CHECK(st.n_groups >= 1, "n_groups must be >= 1");
+  if (x.rows == 0) return;
+  if (st.dim == 0) {
+    for (int64_t r = 0; r < x.rows; ++r) {
+      const int64_t g = groups ? groups[r] : 0;
+      PG_CHECK(g >= 0 && g < st.n_groups, "group id ", g, " at row ", r, " is outside [0, ", st.n_groups, ")");
+    }
+    for (int64_t r = 0; r < x.rows; ++r) ++st.count[groups ? groups[r] : 0];
+    return;
+  }
+  dispatch_dtype(x.dtype, [&](auto tag) { update_impl<decltype(tag)>(x, groups, st); });
+}
+
+void covariance_merge_cpu(CovState a, const CovState& b) {
+  PG_CHECK(a.dim == b.dim, "cannot merge accumulators of ", b.dim, " features into one of ", a.dim);
+  PG_CHECK(a.n_groups == b.n_groups, "cannot merge accumulators of ", b.n_groups, " groups into one of ",
+           a.n_groups);
+  const int64_t d = a.dim;
+  std::vector<double> dmu(d);
+  for (int64_t g = 0; g < a.n_groups; ++g) {
+    const int64_t na = a.count[g], nb = b.count[g], n = na + nb;
+    if (nb == 0) continue;
+    double* ma = a.mean + g * d;
+    const double* mb = b.mean + g * d;
+    double* sa = a.m2 + g * d * d;
+    const double* sb = b.m2 + g * d * d;
+    const double f = static_cast<double>(na) * static_cast<double>(nb) / static_cast<double>(n);
+    for (int64_t j = 0; j < d; ++j) dmu[j] = mb[j] - ma[j];
+    for_upper_rows(d, [&](int64_t i) {
+      for (int64_t j = i; j < d; ++j) sa[i * d + j] += sb[i * d + j] + f * dmu[i] * dmu[j];
+    });
+    for (int64_t j = 0; j < d; ++j) ma[j] = na > 0 ? ma[j] + dmu[j] * static_cast<double>(nb) / n : mb[j];
+    a.count[g] = n;
+  }
+}
+
+}  // namespace pg

@@ -1,0 +1,56 @@
+"""Type stubs for the compiled module (see csrc/bindings.cpp)."""
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+class KernelTypeError(TypeError): ...
+
+def covariance_update(
+    x: npt.NDArray[Any],
+    groups: npt.NDArray[np.int64] | None,
+    count: npt.NDArray[np.int64],
+    mean: npt.NDArray[np.float64],
+    m2: npt.NDArray[np.float64],
+    bf16: bool = False,
+) -> None: ...
+def covariance_merge(
+    count_a: npt.NDArray[np.int64],
+    mean_a: npt.NDArray[np.float64],
+    m2_a: npt.NDArray[np.float64],
+    count_b: npt.NDArray[np.int64],
+    mean_b: npt.NDArray[np.float64],
+    m2_b: npt.NDArray[np.float64],
+) -> None: ...
+def covariance_update_cuda(
+    x_ptr: int,
+    rows: int,
+    cols: int,
+    row_stride: int,
+    col_stride: int,
+    dtype: int,
+    groups_ptr: int,
+    n_groups: int,
+    count_ptr: int,
+    mean_ptr: int,
+    m2_ptr: int,
+    stream: int,
+) -> None: ...
+def gram(a: npt.NDArray[Any], bf16: bool = False) -> npt.NDArray[np.float64]: ...
+def power_pass(a: npt.NDArray[Any], q: npt.NDArray[Any], bf16: bool = False) -> npt.NDArray[np.float64]: ...
+def project(
+    a: npt.NDArray[Any], q: npt.NDArray[Any], bf16: bool = False
+) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64]]: ...
+def orthonormalize(q: npt.NDArray[np.float64]) -> None: ...
+def eigh_top(c: npt.NDArray[np.float64], k: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def gaussian(seed: int, rows: int, cols: int) -> npt.NDArray[np.float64]: ...
+def get_num_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...
+def blas_get_num_threads() -> int: ...
+def blas_set_num_threads(n: int) -> None: ...
+def built_with_cuda() -> bool: ...
+def cuda_device_count() -> int: ...
+def build_info() -> dict[str, Any]: ...

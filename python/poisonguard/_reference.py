@@ -1,0 +1,73 @@
+"""Plain float64 numpy references for every kernel (same name as the op, leading underscore).
+
+They are slow and memory-hungry on purpose: the simplest correct computation, used by the tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _to_float64(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor (bfloat16 included)
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _covariance(x, groups, n_groups: int, ddof: int = 1):
+    """Two-pass per-group statistics: ``(count [G], mean [G, d], cov [G, d, d])``; NaN for too-small groups."""
+    x = _to_float64(x)
+    n, d = x.shape
+    groups = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(_to_float64(groups), dtype=np.int64)
+    count = np.bincount(groups, minlength=n_groups).astype(np.int64)
+    mean = np.full((n_groups, d), np.nan)
+    cov = np.full((n_groups, d, d), np.nan)
+    for g in range(n_groups):
+        xg = x[groups == g]
+        if len(xg):
+            mean[g] = xg.mean(axis=0)
+        if len(xg) > ddof:
+            xc = xg - mean[g]
+            cov[g] = xc.T @ xc / (len(xg) - ddof)
+    return count, mean, cov
+
+
+def _naive_covariance(x, ddof: int = 1) -> np.ndarray:
+    """The one-pass textbook formula ``(Σxxᵀ − n μμᵀ)/(n − ddof)`` in the input precision: what not to do."""
+    x = np.asarray(x)
+    n = x.shape[0]
+    s = x.sum(axis=0, dtype=x.dtype)
+    mu = s / n
+    return (x.T @ x - n * np.outer(mu, mu).astype(x.dtype)) / (n - ddof)
+
+
+def _gram(a) -> np.ndarray:
+    a = _to_float64(a)
+    return a.T @ a
+
+
+def _randomized_svd(a, k: int):
+    """Exact top-k SVD in float64: ``(U [m, k], S [k], Vt [k, n])``."""
+    a = _to_float64(a)
+    u, s, vt = np.linalg.svd(a, full_matrices=False)
+    return u[:, :k], s[:k], vt[:k]
+
+
+def _top_eigh(c, k: int):
+    """Exact k largest eigenpairs in float64: ``(w [k] descending, V [d, k])``."""
+    c = _to_float64(c)
+    w, v = np.linalg.eigh(c)
+    return w[::-1][:k], v[:, ::-1][:, :k]
+
+
+def _power_pass(a, q) -> np.ndarray:
+    a = _to_float64(a)
+    return a.T @ (a @ np.asarray(q, dtype=np.float64))
+
+
+def subspace_error(v_est: np.ndarray, v_ref: np.ndarray) -> float:
+    """Sine of the largest principal angle between the column spaces of two [n, k] bases (0 = identical)."""
+    qa, _ = np.linalg.qr(np.asarray(v_est, dtype=np.float64))
+    qb, _ = np.linalg.qr(np.asarray(v_ref, dtype=np.float64))
+    s = np.linalg.svd(qa.T @ qb, compute_uv=False)
+    return float(np.sqrt(max(0.0, 1.0 - float(s.min()) ** 2)))
