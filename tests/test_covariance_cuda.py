@@ -30,7 +30,7 @@ DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
 }
-# float64: elementwise rtol (atol scaled to the array); narrower inputs compute in float32: relative Frobenius.
+# float64: elementwise rtol (atol scaled to the array); narrower inputs (float32 compute): relative Frobenius.
 F64_RTOL = 1e-10
 F32_REL_FRO = 1e-5
 # A mean offset that the input dtype can still resolve next to a unit spread.

@@ -20,8 +20,8 @@ import poisonguard
 import torch
 from poisonguard.ops import StreamingCovariance
 
-# (dtype, n, d, groups, check rows, check groups). For d = 4096 the check keeps the subset's rows of groups 0..9
-# only: a [100, 4096, 4096] float64 covariance read back for both sides would take ~40 GB of host memory.
+# (dtype, n, d, groups, check rows, check groups). For d = 4096 the check keeps the subset's rows of groups
+# 0..9 only: a [100, 4096, 4096] float64 covariance read back for both sides would take ~40 GB of host memory.
 CASES = [
     ("float32", 1_000_000, 512, 10, 100_000, 10),
     ("float16", 1_000_000, 512, 10, 100_000, 10),
@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     info = poisonguard.build_info()
     lines = [
-        f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  poisonguard {info.get('version')}  "
-        f"cuda {info.get('cuda_version')}  tf32 matmul: {torch.backends.cuda.matmul.allow_tf32}",
+        f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+        f"poisonguard {info.get('version')}  cuda {info.get('cuda_version')}  "
+        f"tf32 matmul: {torch.backends.cuda.matmul.allow_tf32}",
         f"{'op':<26} {'shape':<16} {'dtype':<8} {'max rel err':>11} {'(mean)':>9} {'ours ms':>9} "
         f"{'torch ms':>9} {'ours/torch':>10}",
     ]

@@ -40,10 +40,12 @@ constexpr int kThreadRows = 8;
 constexpr int kThreadCols = 4;
 static_assert((kTile / kThreadRows) * (kTile / kThreadCols) == kSyrkThreads, "thread grid must cover the tile");
 
-// Compute-type sums run over at most this many rows before they are added into fp64 (bounds fp32 rounding growth);
-// pieces are multiples of it so every 256-row block lies inside one piece.
+// Compute-type sums run over at most kFlushRows rows before they are added into fp64 (bounds fp32 rounding growth),
+// as running sums over kInnerRows rows added together. Pieces are multiples of kFlushRows, so every block of rows
+// lies inside one piece and the blocks are the same however a group is cut.
+constexpr int64_t kInnerRows = 64;
 constexpr int64_t kFlushRows = 256;
-static_assert(kFlushRows % kBlockK == 0, "a flush block must be whole shared-memory stages");
+static_assert(kInnerRows % kBlockK == 0 && kFlushRows % kInnerRows == 0, "blocks must be whole stages");
 // A piece has at least this many rows so that writing its 32 KiB partial tile is small next to its products.
 constexpr int64_t kMinPieceRows = 1024;
 // SYRK blocks aimed at per SM: ~4 resident blocks of 128 threads, two waves, so a short tail costs little.
@@ -297,46 +299,64 @@ __global__ void delta_kernel(const double* piece_sums,  // [n_items_max, d]
   }
 }
 
-// Register accumulator of one thread's 8 x 4 outputs. fp32: compute-type sums over at most kFlushRows rows, then
-// added into fp64 (flush). fp64: the compute type already is fp64, so one set of registers suffices.
+// One thread's 8 x 4 outputs. fp32 compute: register sums over 64 rows, four of those added in a second set of
+// fp32 registers (a 256-row block, pairwise-like: ~5x smaller rounding error than one running sum over 256 rows),
+// then added into fp64 totals that live in shared memory (registers stay for the products; the fp64 adds and the
+// conversions run once per 256 rows). fp64 compute: one set of fp64 registers.
 template <typename C>
-struct tile_acc {
-  C part[kThreadRows][kThreadCols];
-  double total[kThreadRows][kThreadCols];
+struct tile_acc;
 
-  __device__ __forceinline__ void init() {
+template <>
+struct tile_acc<float> {
+  float part[kThreadRows][kThreadCols];
+  float block[kThreadRows][kThreadCols];
+  double* total;  // this thread's entries of the shared [kThreadRows * kThreadCols][kSyrkThreads] totals
+
+  __device__ __forceinline__ void init(double* shared_totals) {
+    total = shared_totals + threadIdx.x;  // thread-major: a warp touches consecutive doubles (no bank conflicts)
 #pragma unroll
     for (int m = 0; m < kThreadRows; ++m)
 #pragma unroll
-      for (int k = 0; k < kThreadCols; ++k) {
-        part[m][k] = C(0);
-        total[m][k] = 0.0;
+      for (int q = 0; q < kThreadCols; ++q) {
+        part[m][q] = 0.0f;
+        block[m][q] = 0.0f;
+        total[(m * kThreadCols + q) * kSyrkThreads] = 0.0;
       }
   }
-  __device__ __forceinline__ void flush() {
+  __device__ __forceinline__ void end_inner() {
 #pragma unroll
     for (int m = 0; m < kThreadRows; ++m)
 #pragma unroll
-      for (int k = 0; k < kThreadCols; ++k) {
-        total[m][k] += static_cast<double>(part[m][k]);
-        part[m][k] = C(0);
+      for (int q = 0; q < kThreadCols; ++q) {
+        block[m][q] += part[m][q];
+        part[m][q] = 0.0f;
       }
   }
-  __device__ __forceinline__ double value(int m, int k) const { return total[m][k]; }
+  __device__ __forceinline__ void end_block() {
+#pragma unroll
+    for (int m = 0; m < kThreadRows; ++m)
+#pragma unroll
+      for (int q = 0; q < kThreadCols; ++q) {
+        total[(m * kThreadCols + q) * kSyrkThreads] += static_cast<double>(block[m][q]);
+        block[m][q] = 0.0f;
+      }
+  }
+  __device__ __forceinline__ double value(int m, int q) const { return total[(m * kThreadCols + q) * kSyrkThreads]; }
 };
 
 template <>
 struct tile_acc<double> {
   double part[kThreadRows][kThreadCols];
 
-  __device__ __forceinline__ void init() {
+  __device__ __forceinline__ void init(double*) {
 #pragma unroll
     for (int m = 0; m < kThreadRows; ++m)
 #pragma unroll
-      for (int k = 0; k < kThreadCols; ++k) part[m][k] = 0.0;
+      for (int q = 0; q < kThreadCols; ++q) part[m][q] = 0.0;
   }
-  __device__ __forceinline__ void flush() {}
-  __device__ __forceinline__ double value(int m, int k) const { return part[m][k]; }
+  __device__ __forceinline__ void end_inner() {}
+  __device__ __forceinline__ void end_block() {}
+  __device__ __forceinline__ double value(int m, int q) const { return part[m][q]; }
 };
 
 // Block (tile, item): the tile's entries of Σ_r y_r y_rᵀ over the item's rows. Diagonal tiles read one panel for
@@ -361,6 +381,8 @@ __global__ void __launch_bounds__(kSyrkThreads) syrk_kernel(const C* y,  // [n, 
   static_assert(kLoads * kSyrkThreads == kBlockK * kVecPerRow, "stage must split evenly over the threads");
 
   __shared__ __align__(16) C stage[2][2][kBlockK][kTile];  // [buffer][panel i/j][row][column]
+  // fp64 totals of the fp32 path (48 KiB of static shared memory with the stages); unused for fp64.
+  __shared__ double totals[std::is_same<C, float>::value ? kThreadRows * kThreadCols * kSyrkThreads : 1];
 
   const int tid = threadIdx.x;
   const int ty = tid / (kTile / kThreadCols);  // 0..7: rows i = ty*8 .. ty*8+7 of the tile
@@ -400,7 +422,7 @@ __global__ void __launch_bounds__(kSyrkThreads) syrk_kernel(const C* y,  // [n, 
     };
 
     tile_acc<C> acc;
-    acc.init();
+    acc.init(totals);
     fetch(begin);
     store(0);
     __syncthreads();
@@ -423,8 +445,10 @@ __global__ void __launch_bounds__(kSyrkThreads) syrk_kernel(const C* y,  // [n, 
 #pragma unroll
           for (int q = 0; q < kThreadCols; ++q) acc.part[m][q] = fma(a[m], b[q], acc.part[m][q]);
       }
-      // Pieces start on 256-row boundaries of the group, so these blocks are the group's 256-row blocks.
-      if ((s + 1) % (kFlushRows / kBlockK) == 0 || s + 1 == steps) acc.flush();
+      // Pieces start on 256-row boundaries of the group, so these blocks are the group's 64- and 256-row blocks.
+      const bool last = s + 1 == steps;
+      if ((s + 1) % (kInnerRows / kBlockK) == 0 || last) acc.end_inner();
+      if ((s + 1) % (kFlushRows / kBlockK) == 0 || last) acc.end_block();
       if (s + 1 < steps) store(buf ^ 1);  // the other buffer was last read before the previous barrier
       __syncthreads();
     }

@@ -18,7 +18,7 @@ def _preload_openblas() -> None:
     except ImportError as exc:  # pragma: no cover - a dependency of the package
         raise ImportError("poisonguard needs the scipy-openblas32 package: pip install scipy-openblas32") from exc
     libdir = scipy_openblas32.get_lib_dir()
-    names = [f for f in os.listdir(libdir) if f.startswith("libscipy_openblas") and (".so" in f or f.endswith(".dylib"))]
+    names = [f for f in os.listdir(libdir) if f.startswith("libscipy_openblas") and (".so" in f or ".dylib" in f)]
     for name in sorted(names):
         ctypes.CDLL(os.path.join(libdir, name), mode=getattr(os, "RTLD_GLOBAL", 0) | ctypes.RTLD_GLOBAL)
 

@@ -1,0 +1,92 @@
+"""Shared benchmark plumbing: timing (warm-up, median, p20/p80), peak memory, machine description, CSV rows."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+RESULTS_CSV = Path(__file__).with_name("results.csv")
+FIELDS = ["date", "git_sha", "version", "machine", "op", "size", "impl", "median_s", "p20_s", "p80_s", "note"]
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> dict:
+    """Runs fn `warmup` times untimed, then `repeat` times; returns median/p20/p80 seconds and the last result."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    t = np.asarray(times)
+    return {
+        "median": float(np.median(t)),
+        "p20": float(np.percentile(t, 20)),
+        "p80": float(np.percentile(t, 80)),
+        "result": result,
+    }
+
+
+def record(op: str, size: str, impl: str, timing: dict, note: str = "") -> None:
+    """Appends one row to bench/results.csv."""
+    import poisonguard
+
+    new = not RESULTS_CSV.exists()
+    with RESULTS_CSV.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(
+            {
+                "date": _dt.datetime.now().isoformat(timespec="seconds"),
+                "git_sha": git_sha(),
+                "version": poisonguard.__version__,
+                "machine": machine(),
+                "op": op,
+                "size": size,
+                "impl": impl,
+                "median_s": f"{timing['median']:.6f}",
+                "p20_s": f"{timing['p20']:.6f}",
+                "p80_s": f"{timing['p80']:.6f}",
+                "note": note,
+            }
+        )
+
+
+def header(title: str) -> None:
+    import poisonguard
+
+    info = poisonguard.build_info()
+    print(f"# {title}")
+    print(f"# {_dt.date.today()}  poisonguard {info['version']} ({git_sha()})  {machine()}")
+    print(f"# BLAS: {info['blas']}; numpy {np.__version__}")
