@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import header, record, timeit  # noqa: E402
-
-import poisonguard as pg  # noqa: E402
-from poisonguard._reference import _covariance, _naive_covariance  # noqa: E402
-from poisonguard.sources import iter_row_chunks, open_npy  # noqa: E402
+import poisonguard as pg
+from _harness import header, record, timeit
+from poisonguard._reference import _covariance, _naive_covariance
+from poisonguard.sources import iter_row_chunks, open_npy
 
 
 def rel_fro(a: np.ndarray, b: np.ndarray) -> float:

@@ -18,7 +18,7 @@ struct CovState {
 };
 
 /// Adds the rows of `x` to the state: per group g, centres its rows (shifted by the running mean, or the group's
-/// first row when the group is empty), scatter via SYRK in the compute type (fp32 for fp16/bf16/fp32, fp64 for
+/// mean in this chunk when the group is new), scatter via SYRK in the compute type (fp32 for fp16/bf16/fp32, fp64 for
 /// fp64), merge into the fp64 state with Chan's formula. Throws std::invalid_argument (state untouched) on group ids
 /// out of range or rows with NaN/Inf. `groups` may be null (all rows in group 0).
 void covariance_update_cpu(const MatrixView& x,    // [n, d]
@@ -26,7 +26,7 @@ void covariance_update_cpu(const MatrixView& x,    // [n, d]
                            CovState state);
 
 /// Same on device memory: x, groups and the state are device pointers; work is enqueued on `stream`
-/// (a cudaStream_t given as an integer). Synchronises the stream once to read per-group counts.
+/// (a cudaStream_t given as an integer); never synchronises it. Validation (ids, NaN/Inf) is the caller's.
 void covariance_update_cuda(const MatrixView& x,    // [n, d] device
                             const int64_t* groups,  // [n] device, or nullptr
                             CovState state,         // device pointers

@@ -5,9 +5,10 @@
 //   3. gather + shift into a contiguous [n, ld] buffer y in the compute type (one read of x, any strides/dtype);
 //   4. each group's rows are cut into "pieces" of R rows (R a multiple of 256) so that a big group still gives
 //      enough blocks; per (piece, column) fp64 column sums, then per group δ = Σ y / n_b and dμ;
-//   5. a tiled SYRK over (upper-triangular 64x64 tiles, pieces): fp32 (fp64 for fp64 input) products summed over at
-//      most 256 rows, then added in fp64. A one-piece group merges into m2 in the epilogue (Chan's formula); the
-//      pieces of a bigger group write fp64 partial tiles that a reduce kernel adds in piece order, then merges;
+//   5. a tiled SYRK over (upper-triangular 64x64 tiles, pieces): fp32 products (fp64 for fp64 input) summed in the
+//      compute type over blocks of at most 256 rows, the blocks added in fp64. A one-piece group merges into m2 in
+//      the epilogue (Chan's formula); the pieces of a bigger group write fp64 partial tiles that a reduce kernel
+//      adds in piece order, then merges;
 //   6. mean and count, last, because the m2 merge reads the old count.
 //
 // Every sum has a fixed order (no floating-point atomics), so results are bitwise reproducible. Nothing waits on the
@@ -18,6 +19,7 @@
 #include <cub/device/device_scan.cuh>
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -557,7 +559,7 @@ class device_arena {
   cudaStream_t stream_;
 };
 
-// Byte layout of the arena: add() reserves 256-byte aligned parts, get() returns them once the arena exists.
+// Byte layout of the arena: add() reserves a 256-byte aligned part and returns its offset (see part()).
 struct arena_layout {
   size_t total = 0;
   size_t add(size_t bytes) {
@@ -592,8 +594,11 @@ void update_impl(const MatrixView& x, const int64_t* groups, CovState st, cudaSt
   PG_CHECK(n_tiles * (kTile * kTile / kReduceThreads) <= int64_t{0x7fffffff}, "n_features=", d,
            " is too large for the CUDA covariance kernel");
   const int64_t target_blocks = std::max<int64_t>(1, int64_t{sms} * kBlocksPerSm);
-  int64_t piece_rows = std::max<int64_t>(kMinPieceRows, ceil_div(n * std::max<int64_t>(n_tiles, 1), target_blocks));
-  piece_rows = round_up(std::min(piece_rows, n), kFlushRows);
+  const double balanced_rows = std::ceil(static_cast<double>(n) * static_cast<double>(std::max<int64_t>(n_tiles, 1)) /
+                                         static_cast<double>(target_blocks));  // in double: n * n_tiles may overflow
+  const int64_t piece_rows = round_up(
+      std::min(n, std::max(kMinPieceRows, static_cast<int64_t>(std::min(balanced_rows, static_cast<double>(n))))),
+      kFlushRows);
   // Σ_g ceil(n_g / R) <= n and < n / R + G. Only groups with n_g > R have slots, and ceil(n_g / R) < 2 n_g / R.
   const int64_t n_items_max = std::min(n, ceil_div(n, piece_rows) + G);
   const int64_t n_slots_max = piece_rows < n ? 2 * n / piece_rows : 0;

@@ -21,6 +21,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    run(out=args.out, fraction=args.fraction, target=args.target, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="poisonguard",
@@ -30,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print what was built (version, CUDA, BLAS, threads, compiler)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
+    demo = sub.add_parser("demo", help="BadNets on sklearn's digits, found with the spectral kernels")
+    demo.add_argument("--out", default="poisonguard-demo", help="folder for the results (default: %(default)s)")
+    demo.add_argument("--fraction", type=float, default=0.05, help="poisoned share of the data (default: 0.05)")
+    demo.add_argument("--target", type=int, default=0, help="class the poison is relabelled to (default: 0)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -36,7 +36,7 @@ class StreamingCovariance:
     """Per-group count, mean and covariance of rows streamed in chunks, in one pass.
 
     Each chunk is split by group; every group's rows are shifted by the group's running mean (or, for a group seen
-    for the first time, by its first row), multiplied in the input's compute type (float32 for float16, bfloat16 and
+    for the first time, by its mean in the chunk), multiplied in the input's compute type (float32 for float16, bfloat16 and
     float32 input; float64 for float64) with BLAS SYRK, and merged into float64 state with Chan's pairwise formula.
     The result equals a float64 two-pass computation over the concatenated data to about 1e-7 relative error, also
     when the mean is large next to the spread.
@@ -150,12 +150,16 @@ class StreamingCovariance:
                 "nothing from this chunk was accumulated"
             )
         count, mean, m2 = self._to_device(x.device)
+        with torch.cuda.device(x.device):  # the kernels run on the current device
+            self._launch_cuda(dm, g, count, mean, m2)
+        return self
+
+    def _launch_cuda(self, dm: Any, g: Any, count: Any, mean: Any, m2: Any) -> None:
         _core.covariance_update_cuda(
             dm.ptr, dm.rows, dm.cols, dm.row_stride, dm.col_stride, dm.dtype_code,
             0 if g is None else g.data_ptr(), self.n_groups,
             count.data_ptr(), mean.data_ptr(), m2.data_ptr(), dm.stream,
         )  # fmt: skip
-        return self
 
     def merge(self, other: StreamingCovariance) -> StreamingCovariance:
         """Adds the statistics of ``other`` (same ``n_features`` and ``n_groups``) into ``self``; returns ``self``.
