@@ -38,8 +38,8 @@ class StreamingCovariance:
     Each chunk is split by group; every group's rows are shifted by the group's running mean (or, for a group seen
     for the first time, by its mean in the chunk), multiplied in the input's compute type (float32 for float16,
     bfloat16 and float32 input; float64 for float64) with BLAS SYRK, and merged into float64 state with Chan's
-    pairwise formula. The result equals a float64 two-pass computation over the concatenated data to about 1e-7 relative error, also
-    when the mean is large next to the spread.
+    pairwise formula. The result equals a float64 two-pass computation over the concatenated data to about 1e-7
+    relative error, also when the mean is large next to the spread.
 
     Parameters
     ----------
