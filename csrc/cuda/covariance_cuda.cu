@@ -1,8 +1,12 @@
 // Streaming per-group covariance on CUDA, the device twin of csrc/cpu/covariance_cpu.cpp (same math):
 //
 //   1. stable radix sort of row indices by group id (CUB) and per-group offsets by binary search;
-//   2. per group, the shift s_g (running mean cast to the compute type, or the group's first row in this chunk);
-//   3. gather + shift into a contiguous [n, ld] buffer y in the compute type (one read of x, any strides/dtype);
+//   2. per group, the shift s_g in the compute type: the running mean, or for a group seen for the first time the
+//      mean of its rows in this chunk (fp64 column sums of the converted rows per piece, see 4, added in piece order;
+//      a shift one sample away from the mean leaves a rank-one part n·|x₀ − μ|² in the compute-type products that
+//      the fp64 correction cancels, losing ~sqrt(d) digits);
+//   3. gather + shift into a contiguous [n, ld] buffer y in the compute type (one read of x, any strides/dtype; the
+//      rows of first-seen groups are read once more for their shift);
 //   4. each group's rows are cut into "pieces" of R rows (R a multiple of 256) so that a big group still gives
 //      enough blocks; per (piece, column) fp64 column sums, then per group δ = Σ y / n_b and dμ;
 //   5. a tiled SYRK over (upper-triangular 64x64 tiles, pieces): fp32 products (fp64 for fp64 input) summed in the
@@ -62,10 +66,18 @@ constexpr int kFlatThreads = 256;
 constexpr int64_t kMaxGridX = int64_t{1} << 20;
 constexpr int64_t kMaxGridY = 65535;
 
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-unsigned grid_x(int64_t blocks) { return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, kMaxGridX)); }
-unsigned grid_y(int64_t blocks) { return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, kMaxGridY)); }
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+int64_t round_up(int64_t a, int64_t b) {
+  return ceil_div(a, b) * b;
+}
+unsigned grid_x(int64_t blocks) {
+  return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, kMaxGridX));
+}
+unsigned grid_y(int64_t blocks) {
+  return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, kMaxGridY));
+}
 
 // 16-byte vectors of the compute type: the SYRK loads whole vectors, so y rows are padded to a multiple of them.
 template <typename C>
@@ -121,8 +133,7 @@ __device__ __forceinline__ void tile_coords(int64_t tile, int64_t nt, int64_t& t
 __device__ __forceinline__ void merge_entry(double* m2,           // [G, d, d]
                                             const double* delta,  // [G, d]
                                             const double* dmu,    // [G, d]
-                                            int64_t g, int64_t d, int64_t i, int64_t j, double c, double nb,
-                                            double f) {
+                                            int64_t g, int64_t d, int64_t i, int64_t j, double c, double nb, double f) {
   const double* dg = delta + g * d;
   const double* mg = dmu + g * d;
   m2[(g * d + i) * d + j] += c + (-nb * dg[i]) * dg[j] + (f * mg[i]) * mg[j];
@@ -163,7 +174,7 @@ __global__ void offsets_kernel(const int64_t* sorted_keys,  // [n] or nullptr
 // Pieces per group and partial-tile slots (only groups of more than one piece need slots); scanned afterwards.
 __global__ void plan_kernel(const int64_t* offsets,  // [G + 1]
                             int64_t n_groups, int64_t piece_rows,
-                            int64_t* pieces,  // [G + 1], last entry 0
+                            int64_t* pieces,   // [G + 1], last entry 0
                             int64_t* slots) {  // [G + 1], last entry 0
   for (int64_t g = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; g <= n_groups;
        g += int64_t{gridDim.x} * blockDim.x) {
@@ -173,38 +184,13 @@ __global__ void plan_kernel(const int64_t* offsets,  // [G + 1]
   }
 }
 
-// s_g in the compute type: the running mean when the group has data, else its first row in this chunk (the lowest
-// row index, first in the stable order).
-template <typename Tag>
-__global__ void shift_kernel(MatrixView x,           // [n, d] device
-                             const int64_t* perm,    // [n] sorted position -> row, or nullptr (identity)
-                             const int64_t* offsets,  // [G + 1]
-                             const int64_t* count,   // [G]
-                             const double* mean,     // [G, d]
-                             int64_t n_groups, int64_t d,
-                             typename Tag::compute* shift) {  // [G, d]
-  using S = typename Tag::storage;
-  using C = typename Tag::compute;
-  for (int64_t g = blockIdx.x; g < n_groups; g += gridDim.x) {
-    const int64_t begin = offsets[g];
-    if (offsets[g + 1] == begin) continue;
-    C* s = shift + g * d;
-    if (count[g] > 0) {
-      for (int64_t c = threadIdx.x; c < d; c += blockDim.x) s[c] = static_cast<C>(mean[g * d + c]);
-    } else {
-      const S* row = x.row<S>(perm ? perm[begin] : begin);
-      for (int64_t c = threadIdx.x; c < d; c += blockDim.x) s[c] = load(Tag{}, row + c * x.col_stride);
-    }
-  }
-}
-
 // y[p, c] = x[perm[p], c] − s_{group(p)}[c] in the compute type; columns d..ld-1 are zero padding for the SYRK's
 // vector loads. Block = 32 columns x 8 rows, so a warp reads and writes a run of one row.
 template <typename Tag>
-__global__ void gather_kernel(MatrixView x,                         // [n, d] device
-                              const int64_t* perm,                  // [n] or nullptr
-                              const int64_t* sorted_keys,           // [n] or nullptr (all group 0)
-                              const typename Tag::compute* shift,   // [G, d]
+__global__ void gather_kernel(MatrixView x,                        // [n, d] device
+                              const int64_t* perm,                 // [n] or nullptr
+                              const int64_t* sorted_keys,          // [n] or nullptr (all group 0)
+                              const typename Tag::compute* shift,  // [G, d]
                               int64_t n, int64_t d, int64_t ld,
                               typename Tag::compute* y) {  // [n, ld]
   using S = typename Tag::storage;
@@ -235,32 +221,54 @@ __device__ __forceinline__ bool item_rows(const int64_t* offsets,     // [G + 1]
   return true;
 }
 
-// Column sums of y over each piece in fp64, in a fixed order: 8 row lanes x 4 interleaved accumulators, then the
-// lanes in order.
+// Column c of the gathered, shifted rows y.
 template <typename C>
-__global__ void colsum_kernel(const C* y,  // [n, ld]
-                              int64_t ld, int64_t d,
+struct shifted_rows {
+  const C* y;  // [n, ld]
+  int64_t ld;
+  __device__ __forceinline__ double operator()(int64_t p, int64_t c) const {
+    return static_cast<double>(y[p * ld + c]);
+  }
+};
+
+// Column c of the rows of x in the group-sorted order, converted to the compute type (exact in fp64).
+template <typename Tag>
+struct raw_rows {
+  MatrixView x;         // [n, d] device
+  const int64_t* perm;  // [n] or nullptr
+  __device__ __forceinline__ double operator()(int64_t p, int64_t c) const {
+    using S = typename Tag::storage;
+    return static_cast<double>(load(Tag{}, x.row<S>(perm ? perm[p] : p) + c * x.col_stride));
+  }
+};
+
+// Column sums of `rows` over each piece in fp64, in a fixed order: 8 row lanes x 4 interleaved accumulators, then the
+// lanes in order. With `first_only` (the group counts) only the pieces of groups without data are summed; the other
+// pieces' entries are left as they are.
+template <typename Rows>
+__global__ void colsum_kernel(Rows rows, int64_t d,
                               const int64_t* offsets,     // [G + 1]
                               const int64_t* item_start,  // [G + 1]
                               int64_t n_groups, int64_t piece_rows, int64_t n_items_max,
-                              double* piece_sums) {  // [n_items_max, d]
+                              const int64_t* first_only,  // [G] or nullptr
+                              double* piece_sums) {       // [n_items_max, d]
   __shared__ double lanes[kColThreadsY][kColThreadsX];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c = blockIdx.x * int64_t{kColThreadsX} + tx;
   for (int64_t item = blockIdx.y; item < n_items_max; item += gridDim.y) {
     int64_t g, piece, begin, end;
     if (!item_rows(offsets, item_start, n_groups, piece_rows, item, g, piece, begin, end)) break;
+    if (first_only != nullptr && first_only[g] > 0) continue;  // the same for the whole block
     double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
     if (c < d) {
-      const C* col = y + c;
       int64_t r = begin + ty;
       for (; r + 3 * kColThreadsY < end; r += 4 * kColThreadsY) {
-        s0 += static_cast<double>(col[r * ld]);
-        s1 += static_cast<double>(col[(r + kColThreadsY) * ld]);
-        s2 += static_cast<double>(col[(r + 2 * kColThreadsY) * ld]);
-        s3 += static_cast<double>(col[(r + 3 * kColThreadsY) * ld]);
+        s0 += rows(r, c);
+        s1 += rows(r + kColThreadsY, c);
+        s2 += rows(r + 2 * kColThreadsY, c);
+        s3 += rows(r + 3 * kColThreadsY, c);
       }
-      for (; r < end; r += kColThreadsY) s0 += static_cast<double>(col[r * ld]);
+      for (; r < end; r += kColThreadsY) s0 += rows(r, c);
     }
     lanes[ty][tx] = (s0 + s1) + (s2 + s3);
     __syncthreads();
@@ -274,10 +282,39 @@ __global__ void colsum_kernel(const C* y,  // [n, ld]
   }
 }
 
+// s_g in the compute type: the running mean when the group has data, else the mean of its rows in this chunk, from
+// the raw piece sums added in piece order (as in delta_kernel). A non-finite mean gives 0, as on the CPU (the
+// caller's NaN/Inf check reports such rows).
+template <typename C>
+__global__ void shift_kernel(const double* piece_sums,   // [n_items_max, d], raw rows of groups without data
+                             const int64_t* item_start,  // [G + 1]
+                             const int64_t* offsets,     // [G + 1]
+                             const int64_t* count,       // [G]
+                             const double* mean,         // [G, d]
+                             int64_t n_groups, int64_t d,
+                             C* shift) {  // [G, d]
+  for (int64_t g = blockIdx.x; g < n_groups; g += gridDim.x) {
+    const int64_t nb = offsets[g + 1] - offsets[g];
+    if (nb == 0) continue;
+    C* s = shift + g * d;
+    if (count[g] > 0) {
+      for (int64_t c = threadIdx.x; c < d; c += blockDim.x) s[c] = static_cast<C>(mean[g * d + c]);
+    } else {
+      const double inv = 1.0 / static_cast<double>(nb);
+      const int64_t it0 = item_start[g], it1 = item_start[g + 1];
+      for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+        double sum = 0.0;
+        for (int64_t it = it0; it < it1; ++it) sum += piece_sums[it * d + c];
+        s[c] = isfinite(sum) ? static_cast<C>(sum * inv) : C(0);
+      }
+    }
+  }
+}
+
 // Per group: δ = (Σ over pieces in order) / n_b, μ_b = s + δ (s as the compute-type value actually subtracted, so
 // μ_b is exact in math), dμ = μ_b − mean when the group had data (unused otherwise, as in the CPU kernel).
 template <typename C>
-__global__ void delta_kernel(const double* piece_sums,  // [n_items_max, d]
+__global__ void delta_kernel(const double* piece_sums,   // [n_items_max, d]
                              const int64_t* item_start,  // [G + 1]
                              const int64_t* offsets,     // [G + 1]
                              const int64_t* count,       // [G]
@@ -369,13 +406,12 @@ __global__ void __launch_bounds__(kSyrkThreads) syrk_kernel(const C* y,  // [n, 
                                                             const int64_t* offsets,     // [G + 1]
                                                             const int64_t* item_start,  // [G + 1]
                                                             const int64_t* slot_start,  // [G + 1]
-                                                            int64_t n_groups, int64_t piece_rows,
-                                                            int64_t n_items_max,
+                                                            int64_t n_groups, int64_t piece_rows, int64_t n_items_max,
                                                             const int64_t* count,  // [G]
                                                             const double* delta,   // [G, d]
                                                             const double* dmu,     // [G, d]
                                                             double* m2,            // [G, d, d], upper triangle
-                                                            double* partial) {  // [slots, n_tiles, 64, 64]
+                                                            double* partial) {     // [slots, n_tiles, 64, 64]
   using V = typename vec16<C>::type;
   constexpr int W = vec16<C>::width;
   constexpr int kVecPerRow = kTile / W;
@@ -482,7 +518,7 @@ __global__ void __launch_bounds__(kSyrkThreads) syrk_kernel(const C* y,  // [n, 
 
 // Groups of several pieces: adds their partial tiles in piece order and merges into m2. Block (256 entries of a tile,
 // slot); only the group's first slot works, the others exit.
-__global__ void reduce_kernel(const double* partial,     // [slots, n_tiles, 64, 64]
+__global__ void reduce_kernel(const double* partial,      // [slots, n_tiles, 64, 64]
                               const int64_t* slot_start,  // [G + 1]
                               const int64_t* offsets,     // [G + 1]
                               const int64_t* count,       // [G]
@@ -608,8 +644,8 @@ void update_impl(const MatrixView& x, const int64_t* groups, CovState st, cudaSt
   while (end_bit < 63 && (int64_t{1} << end_bit) < G) ++end_bit;  // ids are in [0, G): sort only their bits
   if (keys_in != nullptr)
     PG_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_temp_bytes, keys_in, static_cast<int64_t*>(nullptr),
-                                                  static_cast<const int64_t*>(nullptr),
-                                                  static_cast<int64_t*>(nullptr), n, 0, end_bit, stream));
+                                                  static_cast<const int64_t*>(nullptr), static_cast<int64_t*>(nullptr),
+                                                  n, 0, end_bit, stream));
   PG_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, scan_temp_bytes, static_cast<const int64_t*>(nullptr),
                                               static_cast<int64_t*>(nullptr), G + 1, stream));
 
@@ -672,16 +708,22 @@ void update_impl(const MatrixView& x, const int64_t* groups, CovState st, cudaSt
     PG_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(part<void>(arena, at_scan_temp), scan_temp_bytes, slots, slot_start,
                                                 G + 1, stream));
 
-    // 3. Shift and gather.
-    shift_kernel<Tag><<<group_blocks, kGroupThreads, 0, stream>>>(x, perm, offsets, st.count, st.mean, G, d, shift);
+    // 3. Shift and gather. The raw piece sums of groups without data go into piece_sums, which step 4 overwrites.
+    const dim3 colsum_grid(grid_x(ceil_div(d, kColThreadsX)), grid_y(n_items_max));
+    const dim3 colsum_block(kColThreadsX, kColThreadsY);
+    colsum_kernel<<<colsum_grid, colsum_block, 0, stream>>>(raw_rows<Tag>{x, perm}, d, offsets, item_start, G,
+                                                            piece_rows, n_items_max, st.count, piece_sums);
+    PG_CUDA_CHECK_LAUNCH();
+    shift_kernel<C>
+        <<<group_blocks, kGroupThreads, 0, stream>>>(piece_sums, item_start, offsets, st.count, st.mean, G, d, shift);
     PG_CUDA_CHECK_LAUNCH();
     gather_kernel<Tag><<<dim3(grid_x(ceil_div(ld, kColThreadsX)), grid_y(ceil_div(n, kColThreadsY))),
                          dim3(kColThreadsX, kColThreadsY), 0, stream>>>(x, perm, sorted_keys, shift, n, d, ld, y);
     PG_CUDA_CHECK_LAUNCH();
 
     // 4. δ and dμ per group.
-    colsum_kernel<C><<<dim3(grid_x(ceil_div(d, kColThreadsX)), grid_y(n_items_max)), dim3(kColThreadsX, kColThreadsY),
-                       0, stream>>>(y, ld, d, offsets, item_start, G, piece_rows, n_items_max, piece_sums);
+    colsum_kernel<<<colsum_grid, colsum_block, 0, stream>>>(shifted_rows<C>{y, ld}, d, offsets, item_start, G,
+                                                            piece_rows, n_items_max, nullptr, piece_sums);
     PG_CUDA_CHECK_LAUNCH();
     delta_kernel<C><<<group_blocks, kGroupThreads, 0, stream>>>(piece_sums, item_start, offsets, st.count, st.mean,
                                                                 shift, G, d, delta, dmu);
@@ -701,8 +743,7 @@ void update_impl(const MatrixView& x, const int64_t* groups, CovState st, cudaSt
   }
 
   // 6. Mean and count (with d == 0 only the counts change, as on the CPU).
-  mean_count_kernel<C><<<group_blocks, kGroupThreads, 0, stream>>>(offsets, shift, delta, dmu, G, d, st.count,
-                                                                   st.mean);
+  mean_count_kernel<C><<<group_blocks, kGroupThreads, 0, stream>>>(offsets, shift, delta, dmu, G, d, st.count, st.mean);
   PG_CUDA_CHECK_LAUNCH();
   arena.release();
 }
