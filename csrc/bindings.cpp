@@ -31,8 +31,8 @@ DType host_dtype(const py::array& a, bool bf16, const char* name) {
   if (kind == 'f' && size == 2) return DType::float16;
   if (kind == 'f' && size == 4) return DType::float32;
   if (kind == 'f' && size == 8) return DType::float64;
-  throw pg::type_error(pg::str_cat(name, " must be float16, bfloat16, float32 or float64, got dtype ",
-                                   std::string(py::str(a.dtype()))));
+  throw pg::type_error(
+      pg::str_cat(name, " must be float16, bfloat16, float32 or float64, got dtype ", std::string(py::str(a.dtype()))));
 }
 
 MatrixView host_matrix(const py::array& a, bool bf16, const char* name) {
@@ -117,137 +117,146 @@ PYBIND11_MODULE(_core, m) {
 
   m.attr("__version__") = PG_VERSION;
 
-  m.def("covariance_update",
-        [](const py::array& x, const py::object& groups, py::array count, py::array mean, py::array m2, bool bf16) {
-          MatrixView v = host_matrix(x, bf16, "x");
-          pg::CovState st = host_state(count, mean, m2);
-          py::array keep;
-          const int64_t* g = host_groups(groups, v.rows, keep);
+  m.def(
+      "covariance_update",
+      [](const py::array& x, const py::object& groups, py::array count, py::array mean, py::array m2, bool bf16) {
+        MatrixView v = host_matrix(x, bf16, "x");
+        pg::CovState st = host_state(count, mean, m2);
+        py::array keep;
+        const int64_t* g = host_groups(groups, v.rows, keep);
+        py::gil_scoped_release nogil;
+        pg::covariance_update_cpu(v, g, st);
+      },
+      py::arg("x"), py::arg("groups"), py::arg("count"), py::arg("mean"), py::arg("m2"), py::arg("bf16") = false,
+      "Adds x [n, d] (rows grouped by int64 groups [n] or None) into the host state (count [G], mean [G, d], "
+      "m2 [G, d, d] upper triangle), in place.");
+
+  m.def(
+      "covariance_merge",
+      [](py::array ca, py::array ma, py::array sa, py::array cb, py::array mb, py::array sb) {
+        pg::CovState a = host_state(ca, ma, sa);
+        pg::CovState b = host_state(cb, mb, sb);
+        py::gil_scoped_release nogil;
+        pg::covariance_merge_cpu(a, b);
+      },
+      "Merges state b into state a (Chan's formula), in place on a.");
+
+  m.def(
+      "covariance_update_cuda",
+      [](std::uintptr_t x_ptr, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride, int dtype,
+         std::uintptr_t groups_ptr, int64_t n_groups, std::uintptr_t count_ptr, std::uintptr_t mean_ptr,
+         std::uintptr_t m2_ptr, std::uintptr_t stream) {
+        PG_CHECK(dtype >= 0 && dtype <= 3, "unknown dtype code ", dtype);
+        MatrixView v;
+        v.data = reinterpret_cast<const void*>(x_ptr);
+        v.rows = rows;
+        v.cols = cols;
+        v.row_stride = row_stride;
+        v.col_stride = col_stride;
+        v.dtype = static_cast<DType>(dtype);
+        pg::CovState st;
+        st.n_groups = n_groups;
+        st.dim = cols;
+        st.count = reinterpret_cast<int64_t*>(count_ptr);
+        st.mean = reinterpret_cast<double*>(mean_ptr);
+        st.m2 = reinterpret_cast<double*>(m2_ptr);
+        py::gil_scoped_release nogil;
+        pg::covariance_update_cuda(v, reinterpret_cast<const int64_t*>(groups_ptr), st, stream);
+      },
+      py::arg("x_ptr"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("col_stride"),
+      py::arg("dtype"), py::arg("groups_ptr"), py::arg("n_groups"), py::arg("count_ptr"), py::arg("mean_ptr"),
+      py::arg("m2_ptr"), py::arg("stream"),
+      "Device version of covariance_update: all pointers are CUDA device pointers, strides in elements.");
+
+  m.def(
+      "gram",
+      [](const py::array& a, bool bf16) {
+        MatrixView v = host_matrix(a, bf16, "a");
+        py::array_t<double> out({v.cols, v.cols});
+        double* o = out.mutable_data();
+        {
           py::gil_scoped_release nogil;
-          pg::covariance_update_cpu(v, g, st);
-        },
-        py::arg("x"), py::arg("groups"), py::arg("count"), py::arg("mean"), py::arg("m2"), py::arg("bf16") = false,
-        "Adds x [n, d] (rows grouped by int64 groups [n] or None) into the host state (count [G], mean [G, d], "
-        "m2 [G, d, d] upper triangle), in place.");
+          pg::gram_cpu(v, o);
+        }
+        return out;
+      },
+      py::arg("a"), py::arg("bf16") = false, "A^T A [n, n] float64 for a [m, n].");
 
-  m.def("covariance_merge",
-        [](py::array ca, py::array ma, py::array sa, py::array cb, py::array mb, py::array sb) {
-          pg::CovState a = host_state(ca, ma, sa);
-          pg::CovState b = host_state(cb, mb, sb);
+  m.def(
+      "power_pass",
+      [](const py::array& a, const py::array& q, bool bf16) {
+        MatrixView v = host_matrix(a, bf16, "a");
+        check_compute_q(q, v.dtype, v.cols, "q");
+        const int64_t l = q.shape(1);
+        py::array_t<double> z({v.cols, l});
+        double* zp = z.mutable_data();
+        {
           py::gil_scoped_release nogil;
-          pg::covariance_merge_cpu(a, b);
-        },
-        "Merges state b into state a (Chan's formula), in place on a.");
+          pg::power_pass_cpu(v, q.data(), l, zp);
+        }
+        return z;
+      },
+      py::arg("a"), py::arg("q"), py::arg("bf16") = false, "z [n, l] float64 = a^T (a q), one pass over a.");
 
-  m.def("covariance_update_cuda",
-        [](std::uintptr_t x_ptr, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride, int dtype,
-           std::uintptr_t groups_ptr, int64_t n_groups, std::uintptr_t count_ptr, std::uintptr_t mean_ptr,
-           std::uintptr_t m2_ptr, std::uintptr_t stream) {
-          PG_CHECK(dtype >= 0 && dtype <= 3, "unknown dtype code ", dtype);
-          MatrixView v;
-          v.data = reinterpret_cast<const void*>(x_ptr);
-          v.rows = rows;
-          v.cols = cols;
-          v.row_stride = row_stride;
-          v.col_stride = col_stride;
-          v.dtype = static_cast<DType>(dtype);
-          pg::CovState st;
-          st.n_groups = n_groups;
-          st.dim = cols;
-          st.count = reinterpret_cast<int64_t*>(count_ptr);
-          st.mean = reinterpret_cast<double*>(mean_ptr);
-          st.m2 = reinterpret_cast<double*>(m2_ptr);
+  m.def(
+      "project",
+      [](const py::array& a, const py::array& q, bool bf16) {
+        MatrixView v = host_matrix(a, bf16, "a");
+        check_compute_q(q, v.dtype, v.cols, "q");
+        const int64_t l = q.shape(1);
+        py::array y = compute_array(v.dtype, {v.rows, l});
+        py::array_t<double> yty({l, l});
+        void* yp = y.mutable_data();
+        double* gp = yty.mutable_data();
+        {
           py::gil_scoped_release nogil;
-          pg::covariance_update_cuda(v, reinterpret_cast<const int64_t*>(groups_ptr), st, stream);
-        },
-        py::arg("x_ptr"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("col_stride"),
-        py::arg("dtype"), py::arg("groups_ptr"), py::arg("n_groups"), py::arg("count_ptr"), py::arg("mean_ptr"),
-        py::arg("m2_ptr"), py::arg("stream"),
-        "Device version of covariance_update: all pointers are CUDA device pointers, strides in elements.");
+          pg::project_cpu(v, q.data(), l, yp, gp);
+        }
+        return py::make_tuple(y, yty);
+      },
+      py::arg("a"), py::arg("q"), py::arg("bf16") = false,
+      "(y [m, l], y^T y [l, l] float64) with y = a q in the compute type.");
 
-  m.def("gram",
-        [](const py::array& a, bool bf16) {
-          MatrixView v = host_matrix(a, bf16, "a");
-          py::array_t<double> out({v.cols, v.cols});
-          double* o = out.mutable_data();
-          {
-            py::gil_scoped_release nogil;
-            pg::gram_cpu(v, o);
-          }
-          return out;
-        },
-        py::arg("a"), py::arg("bf16") = false, "A^T A [n, n] float64 for a [m, n].");
+  m.def(
+      "orthonormalize",
+      [](py::array q) {
+        PG_CHECK(q.ndim() == 2, "q must be 2-D");
+        const int64_t n = q.shape(0), l = q.shape(1);
+        double* p = mutable_data<double>(q, "q", {n, l});
+        py::gil_scoped_release nogil;
+        pg::orthonormalize_cpu(p, n, l);
+      },
+      py::arg("q"), "In place: columns of float64 q [n, l] (n >= l) -> orthonormal basis (Householder QR).");
 
-  m.def("power_pass",
-        [](const py::array& a, const py::array& q, bool bf16) {
-          MatrixView v = host_matrix(a, bf16, "a");
-          check_compute_q(q, v.dtype, v.cols, "q");
-          const int64_t l = q.shape(1);
-          py::array_t<double> z({v.cols, l});
-          double* zp = z.mutable_data();
-          {
-            py::gil_scoped_release nogil;
-            pg::power_pass_cpu(v, q.data(), l, zp);
-          }
-          return z;
-        },
-        py::arg("a"), py::arg("q"), py::arg("bf16") = false, "z [n, l] float64 = a^T (a q), one pass over a.");
-
-  m.def("project",
-        [](const py::array& a, const py::array& q, bool bf16) {
-          MatrixView v = host_matrix(a, bf16, "a");
-          check_compute_q(q, v.dtype, v.cols, "q");
-          const int64_t l = q.shape(1);
-          py::array y = compute_array(v.dtype, {v.rows, l});
-          py::array_t<double> yty({l, l});
-          void* yp = y.mutable_data();
-          double* gp = yty.mutable_data();
-          {
-            py::gil_scoped_release nogil;
-            pg::project_cpu(v, q.data(), l, yp, gp);
-          }
-          return py::make_tuple(y, yty);
-        },
-        py::arg("a"), py::arg("q"), py::arg("bf16") = false,
-        "(y [m, l], y^T y [l, l] float64) with y = a q in the compute type.");
-
-  m.def("orthonormalize",
-        [](py::array q) {
-          PG_CHECK(q.ndim() == 2, "q must be 2-D");
-          const int64_t n = q.shape(0), l = q.shape(1);
-          double* p = mutable_data<double>(q, "q", {n, l});
+  m.def(
+      "eigh_top",
+      [](const py::array& c, int64_t k) {
+        PG_CHECK(c.ndim() == 2 && c.shape(0) == c.shape(1), "c must be square [d, d]");
+        PG_CHECK_TYPE(c.dtype().is(py::dtype::of<double>()), "c must be float64");
+        PG_CHECK(c.flags() & py::array::c_style, "c must be C-contiguous");
+        const int64_t d = c.shape(0);
+        PG_CHECK(k >= 0 && k <= d, "k must be in [0, ", d, "], got ", k);
+        py::array_t<double> w(k), v({d, k});
+        const double* cp = static_cast<const double*>(c.data());
+        double* wp = w.mutable_data();
+        double* vp = v.mutable_data();
+        {
           py::gil_scoped_release nogil;
-          pg::orthonormalize_cpu(p, n, l);
-        },
-        py::arg("q"), "In place: columns of float64 q [n, l] (n >= l) -> orthonormal basis (Householder QR).");
+          pg::eigh_top_cpu(cp, d, k, wp, vp);
+        }
+        return py::make_tuple(w, v);
+      },
+      py::arg("c"), py::arg("k"), "k largest eigenpairs of symmetric float64 c: (w [k] descending, v [d, k]).");
 
-  m.def("eigh_top",
-        [](const py::array& c, int64_t k) {
-          PG_CHECK(c.ndim() == 2 && c.shape(0) == c.shape(1), "c must be square [d, d]");
-          PG_CHECK_TYPE(c.dtype().is(py::dtype::of<double>()), "c must be float64");
-          PG_CHECK(c.flags() & py::array::c_style, "c must be C-contiguous");
-          const int64_t d = c.shape(0);
-          PG_CHECK(k >= 0 && k <= d, "k must be in [0, ", d, "], got ", k);
-          py::array_t<double> w(k), v({d, k});
-          const double* cp = static_cast<const double*>(c.data());
-          double* wp = w.mutable_data();
-          double* vp = v.mutable_data();
-          {
-            py::gil_scoped_release nogil;
-            pg::eigh_top_cpu(cp, d, k, wp, vp);
-          }
-          return py::make_tuple(w, v);
-        },
-        py::arg("c"), py::arg("k"), "k largest eigenpairs of symmetric float64 c: (w [k] descending, v [d, k]).");
-
-  m.def("gaussian",
-        [](uint64_t seed, int64_t rows, int64_t cols) {
-          PG_CHECK(rows >= 0 && cols >= 0, "shape must be non-negative");
-          py::array_t<double> out({rows, cols});
-          pg::gaussian_cpu(seed, rows * cols, out.mutable_data());
-          return out;
-        },
-        py::arg("seed"), py::arg("rows"), py::arg("cols"), "Deterministic standard normal [rows, cols] float64.");
+  m.def(
+      "gaussian",
+      [](uint64_t seed, int64_t rows, int64_t cols) {
+        PG_CHECK(rows >= 0 && cols >= 0, "shape must be non-negative");
+        py::array_t<double> out({rows, cols});
+        pg::gaussian_cpu(seed, rows * cols, out.mutable_data());
+        return out;
+      },
+      py::arg("seed"), py::arg("rows"), py::arg("cols"), "Deterministic standard normal [rows, cols] float64.");
 
   m.def("get_num_threads", &pg::get_num_threads);
   m.def("set_num_threads", &pg::set_num_threads, py::arg("n"));

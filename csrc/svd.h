@@ -18,14 +18,14 @@ void gram_cpu(const MatrixView& a,  // [m, n]
 void power_pass_cpu(const MatrixView& a,  // [m, n]
                     const void* q,        // [n, l], compute type, C-contiguous
                     int64_t l,
-                    double* z);           // [n, l]
+                    double* z);  // [n, l]
 
 /// y [m, l] = A q in the compute type, and yty [l, l] = y^T y accumulated in fp64 (same pass).
 void project_cpu(const MatrixView& a,  // [m, n]
                  const void* q,        // [n, l], compute type
                  int64_t l,
-                 void* y,              // [m, l], compute type
-                 double* yty);         // [l, l]
+                 void* y,       // [m, l], compute type
+                 double* yty);  // [l, l]
 
 /// In place: q [n, l] (row-major, n >= l) becomes an orthonormal basis of its columns (Householder QR).
 void orthonormalize_cpu(double* q, int64_t n, int64_t l);

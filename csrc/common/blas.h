@@ -23,10 +23,10 @@ void scipy_cblas_dsyrk(int order, int uplo, int trans, int n, int k, double alph
 // LAPACK (Fortran interface, column-major).
 void scipy_dgeqrf_(const int* m, const int* n, double* a, const int* lda, double* tau, double* work, const int* lwork,
                    int* info);
-void scipy_dorgqr_(const int* m, const int* n, const int* k, double* a, const int* lda, const double* tau,
-                   double* work, const int* lwork, int* info);
-void scipy_dsyevd_(const char* jobz, const char* uplo, const int* n, double* a, const int* lda, double* w,
-                   double* work, const int* lwork, int* iwork, const int* liwork, int* info, std::size_t, std::size_t);
+void scipy_dorgqr_(const int* m, const int* n, const int* k, double* a, const int* lda, const double* tau, double* work,
+                   const int* lwork, int* info);
+void scipy_dsyevd_(const char* jobz, const char* uplo, const int* n, double* a, const int* lda, double* w, double* work,
+                   const int* lwork, int* iwork, const int* liwork, int* info, std::size_t, std::size_t);
 
 void scipy_openblas_set_num_threads(int num_threads);
 int scipy_openblas_get_num_threads(void);
@@ -42,8 +42,8 @@ inline int blas_int(int64_t v, const char* what) {
 }
 
 template <typename T>
-inline void gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta,
-                 T* c, int ldc) {
+inline void gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
+                 int ldc) {
   if constexpr (sizeof(T) == 4) {
     scipy_cblas_sgemm(PgRowMajor, ta ? PgTrans : PgNoTrans, tb ? PgTrans : PgNoTrans, m, n, k, alpha, a, lda, b, ldb,
                       beta, c, ldc);

@@ -31,13 +31,13 @@ inline std::string str_cat(const Args&... args) {
 }  // namespace pg
 
 /// PG_CHECK(cond, "message", value, ...) throws std::invalid_argument (Python ValueError).
-#define PG_CHECK(cond, ...)                                        \
-  do {                                                             \
+#define PG_CHECK(cond, ...)                                               \
+  do {                                                                    \
     if (!(cond)) throw std::invalid_argument(::pg::str_cat(__VA_ARGS__)); \
   } while (0)
 
 /// PG_CHECK_TYPE(cond, ...) throws pg::type_error (Python TypeError).
-#define PG_CHECK_TYPE(cond, ...)                              \
-  do {                                                        \
+#define PG_CHECK_TYPE(cond, ...)                                     \
+  do {                                                               \
     if (!(cond)) throw ::pg::type_error(::pg::str_cat(__VA_ARGS__)); \
   } while (0)

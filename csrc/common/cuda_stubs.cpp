@@ -14,11 +14,17 @@ constexpr const char* kNoCuda =
     "poisonguard was built without CUDA; reinstall with POISONGUARD_CUDA=ON and nvcc available";
 }  // namespace
 
-bool built_with_cuda() { return false; }
+bool built_with_cuda() {
+  return false;
+}
 
-int cuda_device_count() { return 0; }
+int cuda_device_count() {
+  return 0;
+}
 
-std::string cuda_runtime_version() { return ""; }
+std::string cuda_runtime_version() {
+  return "";
+}
 
 void covariance_update_cuda(const MatrixView& /*x*/, const int64_t* /*groups*/, CovState /*state*/,
                             std::uintptr_t /*stream*/) {

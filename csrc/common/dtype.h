@@ -17,10 +17,14 @@ enum class DType : int { float16 = 0, bfloat16 = 1, float32 = 2, float64 = 3 };
 
 inline const char* dtype_name(DType t) {
   switch (t) {
-    case DType::float16: return "float16";
-    case DType::bfloat16: return "bfloat16";
-    case DType::float32: return "float32";
-    case DType::float64: return "float64";
+    case DType::float16:
+      return "float16";
+    case DType::bfloat16:
+      return "bfloat16";
+    case DType::float32:
+      return "float32";
+    case DType::float64:
+      return "float64";
   }
   return "unknown";
 }
@@ -28,9 +32,12 @@ inline const char* dtype_name(DType t) {
 inline int dtype_size(DType t) {
   switch (t) {
     case DType::float16:
-    case DType::bfloat16: return 2;
-    case DType::float32: return 4;
-    case DType::float64: return 8;
+    case DType::bfloat16:
+      return 2;
+    case DType::float32:
+      return 4;
+    case DType::float64:
+      return 8;
   }
   return 0;
 }
@@ -96,19 +103,31 @@ struct f64_tag {
   using compute = double;
 };
 
-PG_HD float load(f16_tag, const uint16_t* p) { return half_bits_to_float(*p); }
-PG_HD float load(bf16_tag, const uint16_t* p) { return bf16_bits_to_float(*p); }
-PG_HD float load(f32_tag, const float* p) { return *p; }
-PG_HD double load(f64_tag, const double* p) { return *p; }
+PG_HD float load(f16_tag, const uint16_t* p) {
+  return half_bits_to_float(*p);
+}
+PG_HD float load(bf16_tag, const uint16_t* p) {
+  return bf16_bits_to_float(*p);
+}
+PG_HD float load(f32_tag, const float* p) {
+  return *p;
+}
+PG_HD double load(f64_tag, const double* p) {
+  return *p;
+}
 
 /// Calls f(tag) with the storage tag of `t`.
 template <typename F>
 auto dispatch_dtype(DType t, F&& f) {
   switch (t) {
-    case DType::float16: return f(f16_tag{});
-    case DType::bfloat16: return f(bf16_tag{});
-    case DType::float32: return f(f32_tag{});
-    case DType::float64: break;
+    case DType::float16:
+      return f(f16_tag{});
+    case DType::bfloat16:
+      return f(bf16_tag{});
+    case DType::float32:
+      return f(f32_tag{});
+    case DType::float64:
+      break;
   }
   return f(f64_tag{});
 }

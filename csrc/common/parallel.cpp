@@ -55,8 +55,14 @@ void parallel_for(int64_t n, int64_t min_per_thread, const std::function<void(in
     if (e) std::rethrow_exception(e);
 }
 
-int blas_get_num_threads() { return scipy_openblas_get_num_threads(); }
-void blas_set_num_threads(int n) { scipy_openblas_set_num_threads(n); }
-const char* blas_config() { return scipy_openblas_get_config(); }
+int blas_get_num_threads() {
+  return scipy_openblas_get_num_threads();
+}
+void blas_set_num_threads(int n) {
+  scipy_openblas_set_num_threads(n);
+}
+const char* blas_config() {
+  return scipy_openblas_get_config();
+}
 
 }  // namespace pg

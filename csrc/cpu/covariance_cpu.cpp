@@ -202,16 +202,15 @@ void update_impl(const MatrixView& x, const int64_t* groups, CovState st) {
             const double* __restrict dm = dmu.data();
             if (first) {
               const double ci = -nbd * delta[i], fi = f * dmu[i];
-              for (int64_t j = i; j < d; ++j)
-                mrow[j] += static_cast<double>(crow[j]) + ci * dl[j] + fi * dm[j];
+              for (int64_t j = i; j < d; ++j) mrow[j] += static_cast<double>(crow[j]) + ci * dl[j] + fi * dm[j];
             } else {
               for (int64_t j = i; j < d; ++j) mrow[j] += static_cast<double>(crow[j]);
             }
           }
         });
       }
-      for (int64_t j = 0; j < d; ++j) mean[j] = na > 0 ? mean[j] + dmu[j] * nbd / static_cast<double>(ntot)
-                                                       : static_cast<double>(s[j]) + delta[j];
+      for (int64_t j = 0; j < d; ++j)
+        mean[j] = na > 0 ? mean[j] + dmu[j] * nbd / static_cast<double>(ntot) : static_cast<double>(s[j]) + delta[j];
       st.count[g] = ntot;
     }
   }
@@ -236,8 +235,7 @@ void covariance_update_cpu(const MatrixView& x, const int64_t* groups, CovState 
 
 void covariance_merge_cpu(CovState a, const CovState& b) {
   PG_CHECK(a.dim == b.dim, "cannot merge accumulators of ", b.dim, " features into one of ", a.dim);
-  PG_CHECK(a.n_groups == b.n_groups, "cannot merge accumulators of ", b.n_groups, " groups into one of ",
-           a.n_groups);
+  PG_CHECK(a.n_groups == b.n_groups, "cannot merge accumulators of ", b.n_groups, " groups into one of ", a.n_groups);
   const int64_t d = a.dim;
   std::vector<double> dmu(d);
   for (int64_t g = 0; g < a.n_groups; ++g) {

@@ -19,11 +19,10 @@ namespace detail {
 }  // namespace pg
 
 /// PG_CUDA_CHECK(cudaMemsetAsync(...)) throws std::runtime_error when the call does not return cudaSuccess.
-#define PG_CUDA_CHECK(expr)                                                                   \
-  do {                                                                                        \
-    const cudaError_t pg_cuda_err_ = (expr);                                                  \
-    if (pg_cuda_err_ != cudaSuccess)                                                          \
-      ::pg::detail::throw_cuda_error(pg_cuda_err_, #expr, __FILE__, __LINE__);                \
+#define PG_CUDA_CHECK(expr)                                                                                   \
+  do {                                                                                                        \
+    const cudaError_t pg_cuda_err_ = (expr);                                                                  \
+    if (pg_cuda_err_ != cudaSuccess) ::pg::detail::throw_cuda_error(pg_cuda_err_, #expr, __FILE__, __LINE__); \
   } while (0)
 
 /// Call right after each kernel launch: launches report bad configurations only through cudaGetLastError.
