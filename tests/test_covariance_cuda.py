@@ -124,9 +124,10 @@ def _check(chunks, d, n_groups, dtype):
 
 
 # -- tests ---------------------------------------------------------------------------------------------------
-# (chunk sizes, d, n_groups, groups): odd sizes, d = 1, one row per group, empty groups, rank-deficient groups
-# (d > rows), groups cut into several SYRK pieces (> 1024 rows), several 64-column tiles, no groups, d = 0.
+# (chunk sizes, d, n_groups, groups): odd sizes, n = 0, d = 1, one row per group, empty groups, rank-deficient
+# groups (d > rows), groups cut into SYRK pieces (> 1024 rows), several column tiles, no groups, d = 0.
 CASES = {
+    "empty_first_chunk": ((0, 40), 6, 2, "random"),
     "d1": ((50, 31), 1, 3, "random"),
     "one_row_per_group": ((6, 6), 7, 6, "arange"),
     "empty_groups": ((200, 150), 33, 7, "random"),
