@@ -76,6 +76,19 @@ pg::CovState host_state(py::array& count, py::array& mean, py::array& m2) {
   return st;
 }
 
+// The optional fp32 staging arrays (all None, or all four with matching shapes).
+pg::CovPending host_pending(const pg::CovState& st, const py::object& c, const py::object& shift, const py::object& sum,
+                            const py::object& n) {
+  pg::CovPending p;
+  if (c.is_none()) return p;
+  py::array ca = c, sa = shift, ua = sum, na = n;
+  p.c = mutable_data<float>(ca, "pending_c", {st.n_groups, st.dim, st.dim});
+  p.shift = mutable_data<float>(sa, "pending_shift", {st.n_groups, st.dim});
+  p.sum = mutable_data<double>(ua, "pending_sum", {st.n_groups, st.dim});
+  p.n = mutable_data<int64_t>(na, "pending_n", {st.n_groups});
+  return p;
+}
+
 const int64_t* host_groups(const py::object& groups, int64_t n, py::array& keep) {
   if (groups.is_none()) return nullptr;
   keep = py::array::ensure(groups);
@@ -119,17 +132,33 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "covariance_update",
-      [](const py::array& x, const py::object& groups, py::array count, py::array mean, py::array m2, bool bf16) {
+      [](const py::array& x, const py::object& groups, py::array count, py::array mean, py::array m2, bool bf16,
+         const py::object& pending_c, const py::object& pending_shift, const py::object& pending_sum,
+         const py::object& pending_n) {
         MatrixView v = host_matrix(x, bf16, "x");
         pg::CovState st = host_state(count, mean, m2);
+        pg::CovPending pend = host_pending(st, pending_c, pending_shift, pending_sum, pending_n);
         py::array keep;
         const int64_t* g = host_groups(groups, v.rows, keep);
         py::gil_scoped_release nogil;
-        pg::covariance_update_cpu(v, g, st);
+        pg::covariance_update_cpu(v, g, st, pend);
       },
       py::arg("x"), py::arg("groups"), py::arg("count"), py::arg("mean"), py::arg("m2"), py::arg("bf16") = false,
+      py::arg("pending_c") = py::none(), py::arg("pending_shift") = py::none(), py::arg("pending_sum") = py::none(),
+      py::arg("pending_n") = py::none(),
       "Adds x [n, d] (rows grouped by int64 groups [n] or None) into the host state (count [G], mean [G, d], "
-      "m2 [G, d, d] upper triangle), in place.");
+      "m2 [G, d, d] upper triangle), in place, through the optional fp32 staging arrays.");
+
+  m.def(
+      "covariance_flush",
+      [](py::array count, py::array mean, py::array m2, const py::object& pending_c, const py::object& pending_shift,
+         const py::object& pending_sum, const py::object& pending_n) {
+        pg::CovState st = host_state(count, mean, m2);
+        pg::CovPending pend = host_pending(st, pending_c, pending_shift, pending_sum, pending_n);
+        py::gil_scoped_release nogil;
+        pg::covariance_flush_cpu(st, pend);
+      },
+      "Merges the staged rows into the state and empties the staging.");
 
   m.def(
       "covariance_merge",

@@ -2,6 +2,7 @@
 // fp64 merge (Chan et al.'s pairwise update).
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/blas.h"
@@ -15,8 +16,11 @@ namespace {
 
 // Rows gathered per window are capped so the compute-type buffer stays near 64 MiB whatever d is.
 constexpr int64_t kWindowBytes = int64_t{64} << 20;
-// Rows per SYRK call: bounds the length of the fp32 sums before they are added in fp64.
+// Rows per SYRK call (BLAS takes 32-bit sizes; keeps calls comparable in size).
 constexpr int64_t kMaxSyrkRows = 8192;
+// Staged (fp32) rows per group before a merge into the fp64 state: the fp32 sums stay short, and the d x d fp64
+// merge (memory-bound) runs once per this many rows instead of once per chunk.
+constexpr int64_t kFlushRows = 16384;
 
 struct Run {
   int64_t group;
@@ -49,11 +53,47 @@ void throw_non_finite(const MatrixView& x) {
       "x holds values so large that their sums overflow float64; nothing from this chunk was accumulated");
 }
 
+// Chan's merge of one block into group g of the state: `scatter` (upper) = Σ (x − s)(x − s)ᵀ over nb rows with
+// Σ (x − s) = sums, in the compute type C.
+template <typename C>
+void merge_block(CovState st, int64_t g, const C* scatter, const C* shift, const double* sums, int64_t nb) {
+  const int64_t d = st.dim, na = st.count[g], ntot = na + nb;
+  double* mean = st.mean + g * d;
+  double* m2 = st.m2 + g * d * d;
+  std::vector<double> delta(d), dmu(d);
+  for (int64_t j = 0; j < d; ++j) {
+    delta[j] = sums[j] / static_cast<double>(nb);
+    dmu[j] = na > 0 ? static_cast<double>(shift[j]) + delta[j] - mean[j] : 0.0;
+  }
+  const double f = na > 0 ? static_cast<double>(na) * static_cast<double>(nb) / static_cast<double>(ntot) : 0.0;
+  const double nbd = static_cast<double>(nb);
+  const double* __restrict dl = delta.data();
+  const double* __restrict dm = dmu.data();
+  for_upper_rows(d, [&](int64_t i) {
+    double* __restrict mrow = m2 + i * d;
+    const C* __restrict crow = scatter + i * d;
+    const double ci = -nbd * dl[i], fi = f * dm[i];
+    for (int64_t j = i; j < d; ++j) mrow[j] += static_cast<double>(crow[j]) + ci * dl[j] + fi * dm[j];
+  });
+  for (int64_t j = 0; j < d; ++j)
+    mean[j] = na > 0 ? mean[j] + dm[j] * nbd / static_cast<double>(ntot) : static_cast<double>(shift[j]) + dl[j];
+  st.count[g] = ntot;
+}
+
+void flush_group(CovState st, CovPending pend, int64_t g) {
+  const int64_t d = st.dim;
+  if (pend.n[g] == 0) return;
+  merge_block<float>(st, g, pend.c + g * d * d, pend.shift + g * d, pend.sum + g * d, pend.n[g]);
+  pend.n[g] = 0;
+}
+
 template <typename Tag>
-void update_impl(const MatrixView& x, const int64_t* groups, CovState st) {
+void update_impl(const MatrixView& x, const int64_t* groups, CovState st, CovPending pend) {
   using S = typename Tag::storage;
   using C = typename Tag::compute;
   const int64_t n = x.rows, d = x.cols, G = st.n_groups;
+  constexpr bool staged_type = std::is_same_v<C, float>;
+  const bool staged = staged_type && pend.enabled();
 
   // Counting sort of the rows by group (stable: rows keep their order inside a group).
   std::vector<int64_t> offset(G + 1, 0);
@@ -81,7 +121,9 @@ void update_impl(const MatrixView& x, const int64_t* groups, CovState st) {
   for (int64_t g = 0; g < G; ++g) {
     if (offset[g + 1] == offset[g]) continue;
     C* s = shift.data() + g * d;
-    if (st.count[g] > 0) {
+    if (staged && pend.n[g] > 0) {
+      for (int64_t j = 0; j < d; ++j) s[j] = static_cast<C>(pend.shift[g * d + j]);
+    } else if (st.count[g] > 0) {
       for (int64_t j = 0; j < d; ++j) s[j] = static_cast<C>(st.mean[g * d + j]);
     } else {
       first_mean.assign(d, 0.0);
@@ -173,52 +215,53 @@ void update_impl(const MatrixView& x, const int64_t* groups, CovState st) {
         if (!std::isfinite(v)) throw_non_finite<Tag>(x);
     }
 
-    // Per run: scatter of the shifted rows, then Chan's merge into the fp64 state (upper triangle).
-    std::vector<double> delta(d), dmu(d);
+    // Per run: scatter of the shifted rows by SYRK (fp32 for the 2- and 4-byte types), staged or merged at once.
     for (size_t ri = 0; ri < runs.size(); ++ri) {
       const Run& run = runs[ri];
       const int64_t g = run.group, nb = run.end - run.begin;
-      const int64_t na = st.count[g], ntot = na + nb;
       const C* s = shift.data() + g * d;
-      double* mean = st.mean + g * d;
-      double* m2 = st.m2 + g * d * d;
-      for (int64_t j = 0; j < d; ++j) {
-        delta[j] = run_sums[ri * d + j] / static_cast<double>(nb);
-        const double mub = static_cast<double>(s[j]) + delta[j];
-        dmu[j] = na > 0 ? mub - mean[j] : 0.0;
+      const double* sums = run_sums.data() + ri * d;
+      C* target = scatter_data;
+      bool fresh = true;
+      if constexpr (staged_type) {
+        if (staged) {
+          target = pend.c + g * d * d;
+          fresh = pend.n[g] == 0;
+        }
       }
-      const double f = na > 0 ? static_cast<double>(na) * static_cast<double>(nb) / static_cast<double>(ntot) : 0.0;
-      const double nbd = static_cast<double>(nb);
       for (int64_t k0 = run.begin; k0 < run.end; k0 += kMaxSyrkRows) {
         const int64_t kr = std::min(run.end, k0 + kMaxSyrkRows) - k0;
+        const C beta = (fresh && k0 == run.begin) ? C(0) : C(1);
         syrk_ata<C>(blas_int(d, "n_features"), blas_int(kr, "rows"), C(1), buf_data + (k0 - w0) * d,
-                    blas_int(d, "n_features"), C(0), scatter_data, blas_int(d, "n_features"));
-        const bool first = k0 == run.begin;
-        for_upper_rows(d, [&](int64_t i) {
-          {
-            double* __restrict mrow = m2 + i * d;
-            const C* __restrict crow = scatter_data + i * d;
-            const double* __restrict dl = delta.data();
-            const double* __restrict dm = dmu.data();
-            if (first) {
-              const double ci = -nbd * delta[i], fi = f * dmu[i];
-              for (int64_t j = i; j < d; ++j) mrow[j] += static_cast<double>(crow[j]) + ci * dl[j] + fi * dm[j];
-            } else {
-              for (int64_t j = i; j < d; ++j) mrow[j] += static_cast<double>(crow[j]);
-            }
-          }
-        });
+                    blas_int(d, "n_features"), beta, target, blas_int(d, "n_features"));
       }
-      for (int64_t j = 0; j < d; ++j)
-        mean[j] = na > 0 ? mean[j] + dmu[j] * nbd / static_cast<double>(ntot) : static_cast<double>(s[j]) + delta[j];
-      st.count[g] = ntot;
+      if constexpr (staged_type) {
+        if (staged) {
+          double* psum = pend.sum + g * d;
+          if (fresh) {
+            std::copy(s, s + d, pend.shift + g * d);
+            std::copy(sums, sums + d, psum);
+          } else {
+            for (int64_t j = 0; j < d; ++j) psum[j] += sums[j];
+          }
+          pend.n[g] += nb;
+          if (pend.n[g] >= kFlushRows) flush_group(st, pend, g);
+          continue;
+        }
+      }
+      merge_block<C>(st, g, target, s, sums, nb);
     }
   }
 }
 
 }  // namespace
 
-void covariance_update_cpu(const MatrixView& x, const int64_t* groups, CovState st) {
+void covariance_flush_cpu(CovState st, CovPending pend) {
+  if (!pend.enabled()) return;
+  for (int64_t g = 0; g < st.n_groups; ++g) flush_group(st, pend, g);
+}
+
+void covariance_update_cpu(const MatrixView& x, const int64_t* groups, CovState st, CovPending pend) {
   PG_CHECK(x.cols == st.dim, "x has ", x.cols, " features but the accumulator was built for ", st.dim);
   PG_CHECK(st.n_groups >= 1, "n_groups must be >= 1");
   if (x.rows == 0) return;
@@ -230,7 +273,9 @@ void covariance_update_cpu(const MatrixView& x, const int64_t* groups, CovState 
     for (int64_t r = 0; r < x.rows; ++r) ++st.count[groups ? groups[r] : 0];
     return;
   }
-  dispatch_dtype(x.dtype, [&](auto tag) { update_impl<decltype(tag)>(x, groups, st); });
+  // float64 chunks bypass the fp32 staging: merge what is staged first so every row lands once, in order.
+  if (x.dtype == DType::float64) covariance_flush_cpu(st, pend);
+  dispatch_dtype(x.dtype, [&](auto tag) { update_impl<decltype(tag)>(x, groups, st, pend); });
 }
 
 void covariance_merge_cpu(CovState a, const CovState& b) {

@@ -12,6 +12,8 @@ from .. import _core
 from .._interop import as_index_array, describe, device_matrix, host_matrix, is_cuda_tensor, is_torch_tensor
 
 _STATE_KEYS = ("count", "mean", "m2")
+# Largest fp32 staging buffer (G·d² floats) allocated; above it every chunk merges straight into the fp64 state.
+_STAGING_BYTES = 512 * 2**20
 
 
 def _as_int(value: Any, name: str, minimum: int) -> int:
@@ -61,6 +63,15 @@ class StreamingCovariance:
         self._count = np.zeros(g, dtype=np.int64)
         self._mean = np.zeros((g, d), dtype=np.float64)
         self._m2 = np.zeros((g, d, d), dtype=np.float64)  # upper triangles are authoritative
+        # fp32 staging of rows not merged yet (see CovPending in csrc/covariance.h); skipped when it would be large.
+        self._pending: tuple | None = None
+        if g * d * d * 4 <= _STAGING_BYTES:
+            self._pending = (
+                np.zeros((g, d, d), dtype=np.float32),
+                np.zeros((g, d), dtype=np.float32),
+                np.zeros((g, d), dtype=np.float64),
+                np.zeros(g, dtype=np.int64),
+            )
         self._device_state: tuple | None = None  # (count, mean, m2) torch tensors while the state is on a GPU
 
     # -- shape ---------------------------------------------------------------------------------------------------
@@ -101,9 +112,14 @@ class StreamingCovariance:
             ids = as_index_array(groups, n, self.n_groups)
         if n == 0:
             return self
-        self._to_host()
-        _core.covariance_update(arr, ids, self._count, self._mean, self._m2, bf16)
+        self._to_host(flush=False)
+        _core.covariance_update(arr, ids, self._count, self._mean, self._m2, bf16, *(self._pending or ()))
         return self
+
+    def _flush(self) -> None:
+        """Merges the fp32-staged rows into the float64 state (every reader calls this first)."""
+        if self._pending is not None and self._pending[3].any():
+            _core.covariance_flush(self._count, self._mean, self._m2, *self._pending)
 
     def _update_cuda(self, x: Any, groups: Any) -> StreamingCovariance:
         import torch
@@ -259,8 +275,11 @@ class StreamingCovariance:
         return acc
 
     # -- state placement -----------------------------------------------------------------------------------------
-    def _to_host(self) -> None:
+    def _to_host(self, flush: bool = True) -> None:
+        """Brings the state to host memory; with ``flush``, also merges the staged rows (needed before any read)."""
         if self._device_state is None:
+            if flush:
+                self._flush()
             return
         count, mean, m2 = self._device_state
         self._count = count.cpu().numpy()
