@@ -88,19 +88,13 @@ def test_randomized_svd_matches_reference(shape, method, lib, dtype):
     _check_svd(a, to_float64(u), to_float64(s), to_float64(vt), 6, dtype)
 
 
-WIDE_SIGN_BUG = (
-    "wide input is solved as its transpose, and _fix_signs runs before U and V are swapped back: the "
-    "largest-|.| convention lands on the columns of U instead of the rows of Vt"
-)
-
-
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(
     "shape",
     [
         "tall",
         "square",
-        pytest.param("wide", marks=pytest.mark.xfail(strict=True, reason=WIDE_SIGN_BUG)),
+        "wide",
     ],
 )
 def test_sign_convention(shape, method):
@@ -140,18 +134,10 @@ def test_rank_deficient(shape, method, dtype):
     assert subspace_error(vt[:2].T, ref_vt.T) <= SUB_TOL[dtype]
 
 
-ZERO_U_BUG = (
-    "for wide input the zero-singular-value clean-up (u[:, s == 0] = 0) runs on the transposed problem, so it zeroes "
-    "rows of Vt and leaves unit-norm columns in U"
-)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("kind", ["zeros", "zero_lines"])
-@pytest.mark.parametrize(
-    "shape", ["tall", pytest.param("wide", marks=pytest.mark.xfail(strict=True, reason=ZERO_U_BUG))]
-)
+@pytest.mark.parametrize("shape", ["tall", "wide"])
 def test_exact_zero_singular_values_give_zero_u(shape, kind, method, dtype):
     rng = np.random.default_rng(24)
     m, n = SHAPES[shape]

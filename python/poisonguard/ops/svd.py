@@ -124,12 +124,14 @@ def randomized_svd(
         u = y @ wv.astype(ct)
     nz = s > 0
     u[:, nz] /= s[nz].astype(ct)
-    u[:, ~nz] = 0
     v = v.astype(ct)
+    if transposed:  # back to the caller's orientation before the conventions below
+        u, v = v, u
+    # Conventions on the caller's factors: U columns of exactly-zero singular values are zero (their directions
+    # are arbitrary), and each right singular vector's largest-magnitude entry is positive.
+    u[:, ~nz] = 0
     _fix_signs(u, v)
     s = s.astype(ct)
-    if transposed:
-        u, v = v, u
     vt = np.ascontiguousarray(v.T)
     if is_torch_tensor(a):
         import torch
@@ -179,16 +181,15 @@ def _randomized_svd_torch(a: Any, k: int, p: int, q: int, seed: int, method: str
         u = y @ wv.to(ct)
     s_safe = torch.where(s > 0, s, torch.ones_like(s))
     u = u / s_safe.to(ct)
-    u[:, s <= 0] = 0
     v = v.to(ct)
+    if transposed:
+        u, v = v, u
+    u[:, s <= 0] = 0
     idx = v.abs().argmax(dim=0)
     flip = v[idx, torch.arange(v.shape[1], device=v.device)] < 0
     u[:, flip] *= -1
     v[:, flip] *= -1
-    s = s.to(ct)
-    if transposed:
-        u, v = v, u
-    return u, s, v.T.contiguous()
+    return u, s.to(ct), v.T.contiguous()
 
 
 def top_eigh(
