@@ -647,3 +647,22 @@ def test_core_gaussian_checks():
         _core.gaussian(0, -1, 3)
     with pytest.raises(TypeError):
         _core.gaussian(-1, 2, 3)  # seeds are unsigned
+
+
+@pytest.mark.parametrize("method", ["gram", "randomized"])
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)])
+def test_torch_device_path_on_cpu_tensors(method, shape):
+    # The CUDA route is plain torch code; on CPU tensors it must match the reference too.
+    import torch
+    from poisonguard.ops.svd import _randomized_svd_torch
+
+    rng = np.random.default_rng(31)
+    m, n = shape
+    a = _decaying(rng, m, n)
+    u, s, vt = _randomized_svd_torch(torch.from_numpy(a), 5, 10, 4, 0, method)
+    _, s_ref, vt_ref = _randomized_svd(a, 5)
+    np.testing.assert_allclose(s.numpy(), s_ref, rtol=1e-8)
+    assert subspace_error(vt.numpy().T, vt_ref.T) < 1e-6
+    np.testing.assert_allclose((u * s) @ vt, (u.numpy() * s.numpy()) @ vt.numpy())
+    idx = np.abs(vt.numpy()).argmax(axis=1)
+    assert (vt.numpy()[np.arange(5), idx] > 0).all()

@@ -93,7 +93,7 @@ def host_matrix(x: Any, name: str = "x") -> tuple[np.ndarray, bool]:
     )
 
 
-def device_matrix(x: Any, name: str = "x") -> DeviceMatrix:
+def device_matrix(x: Any, name: str = "x") -> DeviceMatrix:  # pragma: no cover - CUDA device only
     """Describes a 2-D CUDA tensor for the CUDA kernels (no copy)."""
     torch = _torch()
     _check_2d(tuple(x.shape), name)
