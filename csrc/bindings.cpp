@@ -76,16 +76,23 @@ pg::CovState host_state(py::array& count, py::array& mean, py::array& m2) {
   return st;
 }
 
-// The optional fp32 staging arrays (all None, or all four with matching shapes).
-pg::CovPending host_pending(const pg::CovState& st, const py::object& c, const py::object& shift, const py::object& sum,
-                            const py::object& n) {
+// The optional fp32 staging (None, or a tuple (rows [G, R, d], rows_n [G], c [G, d, d], shift [G, d], sum [G, d],
+// n [G])).
+pg::CovPending host_pending(const pg::CovState& st, const py::object& staging) {
   pg::CovPending p;
-  if (c.is_none()) return p;
-  py::array ca = c, sa = shift, ua = sum, na = n;
-  p.c = mutable_data<float>(ca, "pending_c", {st.n_groups, st.dim, st.dim});
-  p.shift = mutable_data<float>(sa, "pending_shift", {st.n_groups, st.dim});
-  p.sum = mutable_data<double>(ua, "pending_sum", {st.n_groups, st.dim});
-  p.n = mutable_data<int64_t>(na, "pending_n", {st.n_groups});
+  if (staging.is_none()) return p;
+  py::tuple t = staging;
+  PG_CHECK(t.size() == 6, "staging must be a tuple of 6 arrays");
+  py::array rows = t[0], rows_n = t[1], c = t[2], shift = t[3], sum = t[4], n = t[5];
+  PG_CHECK(rows.ndim() == 3, "staging rows must be [G, R, d]");
+  p.rows_cap = rows.shape(1);
+  PG_CHECK(p.rows_cap >= 1, "staging rows must hold at least one row per group");
+  p.rows = mutable_data<float>(rows, "staging rows", {st.n_groups, p.rows_cap, st.dim});
+  p.rows_n = mutable_data<int64_t>(rows_n, "staging rows_n", {st.n_groups});
+  p.c = mutable_data<float>(c, "staging c", {st.n_groups, st.dim, st.dim});
+  p.shift = mutable_data<float>(shift, "staging shift", {st.n_groups, st.dim});
+  p.sum = mutable_data<double>(sum, "staging sum", {st.n_groups, st.dim});
+  p.n = mutable_data<int64_t>(n, "staging n", {st.n_groups});
   return p;
 }
 
@@ -133,28 +140,25 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "covariance_update",
       [](const py::array& x, const py::object& groups, py::array count, py::array mean, py::array m2, bool bf16,
-         const py::object& pending_c, const py::object& pending_shift, const py::object& pending_sum,
-         const py::object& pending_n) {
+         const py::object& staging) {
         MatrixView v = host_matrix(x, bf16, "x");
         pg::CovState st = host_state(count, mean, m2);
-        pg::CovPending pend = host_pending(st, pending_c, pending_shift, pending_sum, pending_n);
+        pg::CovPending pend = host_pending(st, staging);
         py::array keep;
         const int64_t* g = host_groups(groups, v.rows, keep);
         py::gil_scoped_release nogil;
         pg::covariance_update_cpu(v, g, st, pend);
       },
       py::arg("x"), py::arg("groups"), py::arg("count"), py::arg("mean"), py::arg("m2"), py::arg("bf16") = false,
-      py::arg("pending_c") = py::none(), py::arg("pending_shift") = py::none(), py::arg("pending_sum") = py::none(),
-      py::arg("pending_n") = py::none(),
+      py::arg("staging") = py::none(),
       "Adds x [n, d] (rows grouped by int64 groups [n] or None) into the host state (count [G], mean [G, d], "
       "m2 [G, d, d] upper triangle), in place, through the optional fp32 staging arrays.");
 
   m.def(
       "covariance_flush",
-      [](py::array count, py::array mean, py::array m2, const py::object& pending_c, const py::object& pending_shift,
-         const py::object& pending_sum, const py::object& pending_n) {
+      [](py::array count, py::array mean, py::array m2, const py::object& staging) {
         pg::CovState st = host_state(count, mean, m2);
-        pg::CovPending pend = host_pending(st, pending_c, pending_shift, pending_sum, pending_n);
+        pg::CovPending pend = host_pending(st, staging);
         py::gil_scoped_release nogil;
         pg::covariance_flush_cpu(st, pend);
       },

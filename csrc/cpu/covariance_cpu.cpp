@@ -80,11 +80,125 @@ void merge_block(CovState st, int64_t g, const C* scatter, const C* shift, const
   st.count[g] = ntot;
 }
 
-void flush_group(CovState st, CovPending pend, int64_t g) {
+// Merges the scatter stage of group g into the state and starts a new block.
+void merge_stage(CovState st, CovPending pend, int64_t g) {
   const int64_t d = st.dim;
   if (pend.n[g] == 0) return;
   merge_block<float>(st, g, pend.c + g * d * d, pend.shift + g * d, pend.sum + g * d, pend.n[g]);
   pend.n[g] = 0;
+  std::fill(pend.sum + g * d, pend.sum + (g + 1) * d, 0.0);
+}
+
+// Multiplies the row stage of group g into its scatter stage; merges once enough rows are there.
+void syrk_stage(CovState st, CovPending pend, int64_t g) {
+  const int64_t d = st.dim, k = pend.rows_n[g];
+  if (k == 0) return;
+  const int di = blas_int(d, "n_features");
+  syrk_ata<float>(di, blas_int(k, "rows"), 1.0f, pend.rows + g * pend.rows_cap * d, di, pend.n[g] > 0 ? 1.0f : 0.0f,
+                  pend.c + g * d * d, di);
+  pend.n[g] += k;
+  pend.rows_n[g] = 0;
+  if (pend.n[g] >= kFlushRows) merge_stage(st, pend, g);
+}
+
+template <typename Tag>
+bool chunk_finite(const MatrixView& x) {
+  bool finite = true;
+  for (int64_t r = 0; r < x.rows && finite; ++r) finite = row_finite<Tag>(x, r);
+  return finite;
+}
+
+// Staged path (fp16/bf16/fp32 input): the shifted rows go to each group's row stage; full stages are multiplied.
+template <typename Tag>
+void staged_update(const MatrixView& x, const std::vector<int64_t>& offset, const std::vector<int64_t>& perm,
+                   const std::vector<float>& shift, CovState st, CovPending pend) {
+  using S = typename Tag::storage;
+  const int64_t d = x.cols, G = st.n_groups, R = pend.rows_cap;
+  // Make room first: a stage that cannot take this chunk's rows is multiplied now (it holds only rows of earlier,
+  // already validated chunks). Then only a group with more than R rows in this one chunk fills a stage before the
+  // whole chunk is read; in that case the chunk is checked whole first, so that a bad row leaves everything as it
+  // was. Otherwise the sums below reveal bad rows before anything is committed.
+  bool fills = false;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t cnt = offset[g + 1] - offset[g];
+    if (cnt > 0 && pend.rows_n[g] + cnt > R) syrk_stage(st, pend, g);
+    fills = fills || cnt > R;
+  }
+  if (fills && !chunk_finite<Tag>(x)) throw_non_finite<Tag>(x);
+  const bool unit_cols = x.col_stride == 1;
+
+  struct Piece {
+    int64_t group, src, count, dst;  // rows perm[src, src + count) -> stage rows [dst, dst + count)
+  };
+  std::vector<int64_t> taken(G, 0);
+  for (;;) {
+    std::vector<Piece> pieces;
+    std::vector<int64_t> start{0};
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t take = std::min(offset[g + 1] - offset[g] - taken[g], R - pend.rows_n[g]);
+      if (take <= 0) continue;
+      pieces.push_back({g, offset[g] + taken[g], take, pend.rows_n[g]});
+      start.push_back(start.back() + take);
+    }
+    if (pieces.empty()) break;
+    const int64_t total = start.back();
+    const int n_ranges = parallel_ranges(total, 256);
+    std::vector<std::vector<double>> part(n_ranges);
+    std::vector<size_t> part_first(n_ranges, 0);
+    parallel_for(total, 256, [&](int t, int64_t b, int64_t e) {
+      size_t pi = 0;
+      while (start[pi + 1] <= b) ++pi;
+      part_first[t] = pi;
+      size_t last = pi;
+      while (last + 1 < pieces.size() && start[last + 1] < e) ++last;
+      std::vector<double>& sums = part[t];
+      sums.assign((last - pi + 1) * d, 0.0);
+      for (int64_t q = b; q < e; ++q) {
+        while (start[pi + 1] <= q) ++pi;
+        const Piece& pc = pieces[pi];
+        const int64_t i = q - start[pi];
+        const S* __restrict src = x.row<S>(perm[pc.src + i]);
+        const float* __restrict s = shift.data() + pc.group * d;
+        float* __restrict y = pend.rows + (pc.group * R + pc.dst + i) * d;
+        double* __restrict acc = sums.data() + (pi - part_first[t]) * d;
+        if (unit_cols) {
+          for (int64_t j = 0; j < d; ++j) {
+            const float v = load(Tag{}, src + j) - s[j];
+            y[j] = v;
+            acc[j] += static_cast<double>(v);
+          }
+        } else {
+          for (int64_t j = 0; j < d; ++j) {
+            const float v = load(Tag{}, src + j * x.col_stride) - s[j];
+            y[j] = v;
+            acc[j] += static_cast<double>(v);
+          }
+        }
+      }
+    });
+    std::vector<double> piece_sums(pieces.size() * d, 0.0);
+    for (int t = 0; t < n_ranges; ++t) {
+      const size_t np = part[t].size() / d;
+      for (size_t k = 0; k < np; ++k)
+        for (int64_t j = 0; j < d; ++j) piece_sums[(part_first[t] + k) * d + j] += part[t][k * d + j];
+    }
+    if (!fills) {
+      for (double v : piece_sums)
+        if (!std::isfinite(v)) throw_non_finite<Tag>(x);
+    }
+    // Commit, then multiply the stages that are full.
+    for (size_t pi = 0; pi < pieces.size(); ++pi) {
+      const Piece& pc = pieces[pi];
+      const int64_t g = pc.group;
+      if (pend.n[g] == 0 && pend.rows_n[g] == 0)
+        std::copy(shift.data() + g * d, shift.data() + (g + 1) * d, pend.shift + g * d);
+      double* psum = pend.sum + g * d;
+      for (int64_t j = 0; j < d; ++j) psum[j] += piece_sums[pi * d + j];
+      pend.rows_n[g] += pc.count;
+      taken[g] += pc.count;
+      if (pend.rows_n[g] == R) syrk_stage(st, pend, g);
+    }
+  }
 }
 
 template <typename Tag>
@@ -121,7 +235,7 @@ void update_impl(const MatrixView& x, const int64_t* groups, CovState st, CovPen
   for (int64_t g = 0; g < G; ++g) {
     if (offset[g + 1] == offset[g]) continue;
     C* s = shift.data() + g * d;
-    if (staged && pend.n[g] > 0) {
+    if (staged && (pend.n[g] > 0 || pend.rows_n[g] > 0)) {
       for (int64_t j = 0; j < d; ++j) s[j] = static_cast<C>(pend.shift[g * d + j]);
     } else if (st.count[g] > 0) {
       for (int64_t j = 0; j < d; ++j) s[j] = static_cast<C>(st.mean[g * d + j]);
@@ -134,6 +248,13 @@ void update_impl(const MatrixView& x, const int64_t* groups, CovState st, CovPen
       const double inv = 1.0 / static_cast<double>(offset[g + 1] - offset[g]);
       // A non-finite mean is caught with the sums below; keep the shift finite meanwhile.
       for (int64_t j = 0; j < d; ++j) s[j] = std::isfinite(first_mean[j]) ? static_cast<C>(first_mean[j] * inv) : C(0);
+    }
+  }
+
+  if constexpr (staged_type) {
+    if (staged) {
+      staged_update<Tag>(x, offset, perm, shift, st, pend);
+      return;
     }
   }
 
@@ -215,41 +336,16 @@ void update_impl(const MatrixView& x, const int64_t* groups, CovState st, CovPen
         if (!std::isfinite(v)) throw_non_finite<Tag>(x);
     }
 
-    // Per run: scatter of the shifted rows by SYRK (fp32 for the 2- and 4-byte types), staged or merged at once.
+    // Per run: scatter of the shifted rows by SYRK in the compute type, then Chan's merge into the fp64 state.
     for (size_t ri = 0; ri < runs.size(); ++ri) {
       const Run& run = runs[ri];
-      const int64_t g = run.group, nb = run.end - run.begin;
-      const C* s = shift.data() + g * d;
-      const double* sums = run_sums.data() + ri * d;
-      C* target = scatter_data;
-      bool fresh = true;
-      if constexpr (staged_type) {
-        if (staged) {
-          target = pend.c + g * d * d;
-          fresh = pend.n[g] == 0;
-        }
-      }
       for (int64_t k0 = run.begin; k0 < run.end; k0 += kMaxSyrkRows) {
         const int64_t kr = std::min(run.end, k0 + kMaxSyrkRows) - k0;
-        const C beta = (fresh && k0 == run.begin) ? C(0) : C(1);
         syrk_ata<C>(blas_int(d, "n_features"), blas_int(kr, "rows"), C(1), buf_data + (k0 - w0) * d,
-                    blas_int(d, "n_features"), beta, target, blas_int(d, "n_features"));
+                    blas_int(d, "n_features"), k0 == run.begin ? C(0) : C(1), scatter_data, blas_int(d, "n_features"));
       }
-      if constexpr (staged_type) {
-        if (staged) {
-          double* psum = pend.sum + g * d;
-          if (fresh) {
-            std::copy(s, s + d, pend.shift + g * d);
-            std::copy(sums, sums + d, psum);
-          } else {
-            for (int64_t j = 0; j < d; ++j) psum[j] += sums[j];
-          }
-          pend.n[g] += nb;
-          if (pend.n[g] >= kFlushRows) flush_group(st, pend, g);
-          continue;
-        }
-      }
-      merge_block<C>(st, g, target, s, sums, nb);
+      merge_block<C>(st, run.group, scatter_data, shift.data() + run.group * d, run_sums.data() + ri * d,
+                     run.end - run.begin);
     }
   }
 }
@@ -258,7 +354,10 @@ void update_impl(const MatrixView& x, const int64_t* groups, CovState st, CovPen
 
 void covariance_flush_cpu(CovState st, CovPending pend) {
   if (!pend.enabled()) return;
-  for (int64_t g = 0; g < st.n_groups; ++g) flush_group(st, pend, g);
+  for (int64_t g = 0; g < st.n_groups; ++g) {
+    syrk_stage(st, pend, g);
+    merge_stage(st, pend, g);
+  }
 }
 
 void covariance_update_cpu(const MatrixView& x, const int64_t* groups, CovState st, CovPending pend) {

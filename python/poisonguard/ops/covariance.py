@@ -12,8 +12,10 @@ from .. import _core
 from .._interop import as_index_array, describe, device_matrix, host_matrix, is_cuda_tensor, is_torch_tensor
 
 _STATE_KEYS = ("count", "mean", "m2")
-# Largest fp32 staging buffer (G·d² floats) allocated; above it every chunk merges straight into the fp64 state.
-_STAGING_BYTES = 512 * 2**20
+# Budget of each fp32 staging buffer (rows: G·R·d floats; scatter: G·d² floats) and the row-stage bounds.
+_STAGING_BYTES = 96 * 2**20
+_STAGE_MAX_ROWS = 16384
+_STAGE_MIN_ROWS = 1024
 
 
 def _as_int(value: Any, name: str, minimum: int) -> int:
@@ -63,10 +65,15 @@ class StreamingCovariance:
         self._count = np.zeros(g, dtype=np.int64)
         self._mean = np.zeros((g, d), dtype=np.float64)
         self._m2 = np.zeros((g, d, d), dtype=np.float64)  # upper triangles are authoritative
-        # fp32 staging of rows not merged yet (see CovPending in csrc/covariance.h); skipped when it would be large.
+        # fp32 staging between chunks and the float64 state (CovPending in csrc/covariance.h): per group, up to R
+        # shifted rows waiting for one large SYRK, and the scatter of rows not merged yet. Sized from a memory budget;
+        # off when it would not fit (then every chunk is multiplied and merged at once).
         self._pending: tuple | None = None
-        if g * d * d * 4 <= _STAGING_BYTES:
+        rows = min(_STAGE_MAX_ROWS, _STAGING_BYTES // max(1, 4 * g * d))
+        if d and rows >= _STAGE_MIN_ROWS and g * d * d * 4 <= _STAGING_BYTES:
             self._pending = (
+                np.zeros((g, rows, d), dtype=np.float32),
+                np.zeros(g, dtype=np.int64),
                 np.zeros((g, d, d), dtype=np.float32),
                 np.zeros((g, d), dtype=np.float32),
                 np.zeros((g, d), dtype=np.float64),
@@ -113,13 +120,13 @@ class StreamingCovariance:
         if n == 0:
             return self
         self._to_host(flush=False)
-        _core.covariance_update(arr, ids, self._count, self._mean, self._m2, bf16, *(self._pending or ()))
+        _core.covariance_update(arr, ids, self._count, self._mean, self._m2, bf16, self._pending)
         return self
 
     def _flush(self) -> None:
         """Merges the fp32-staged rows into the float64 state (every reader calls this first)."""
-        if self._pending is not None and self._pending[3].any():
-            _core.covariance_flush(self._count, self._mean, self._m2, *self._pending)
+        if self._pending is not None and (self._pending[1].any() or self._pending[5].any()):
+            _core.covariance_flush(self._count, self._mean, self._m2, self._pending)
 
     def _update_cuda(self, x: Any, groups: Any) -> StreamingCovariance:  # pragma: no cover - needs a GPU
         import torch
