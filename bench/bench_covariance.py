@@ -88,8 +88,6 @@ def part_speed(args: argparse.Namespace) -> None:
 
 
 def _rss_child(path: str, chunk: int, n_classes: int) -> None:
-    import resource
-
     import psutil
 
     proc = psutil.Process()
@@ -99,7 +97,9 @@ def _rss_child(path: str, chunk: int, n_classes: int) -> None:
     t0 = time.perf_counter()
     acc = stream(x, g, n_classes, chunk)
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM: the peak of this address space (ru_maxrss would carry the parent's peak over fork + exec).
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     print(json.dumps({"base": base, "peak": peak, "seconds": dt, "rows": int(acc.count.sum())}))
 
 

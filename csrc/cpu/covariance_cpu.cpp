@@ -20,7 +20,7 @@ constexpr int64_t kWindowBytes = int64_t{64} << 20;
 constexpr int64_t kMaxSyrkRows = 8192;
 // Staged (fp32) rows per group before a merge into the fp64 state: the fp32 sums stay short, and the d x d fp64
 // merge (memory-bound) runs once per this many rows instead of once per chunk.
-constexpr int64_t kFlushRows = 16384;
+constexpr int64_t kFlushRows = 32768;
 
 struct Run {
   int64_t group;
