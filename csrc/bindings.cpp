@@ -3,7 +3,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <string>
+
+#include "common/blas.h"
 
 #include "common/check.h"
 #include "common/dtype.h"
@@ -249,6 +252,42 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("a"), py::arg("q"), py::arg("bf16") = false,
       "(y [m, l], y^T y [l, l] float64) with y = a q in the compute type.");
+
+  m.def(
+      "matmul",
+      [](const py::array& a, const py::array& b) {
+        // Small products of the drivers through this module's BLAS, so numpy's thread pool (which spins after each
+        // call) is not woken in the middle of a pass.
+        PG_CHECK(a.ndim() == 2 && b.ndim() == 2 && a.shape(1) == b.shape(0), "matmul needs [m, k] @ [k, n]");
+        PG_CHECK_TYPE(
+            a.dtype().is(b.dtype()) && (a.dtype().is(py::dtype::of<float>()) || a.dtype().is(py::dtype::of<double>())),
+            "matmul operands must both be float32 or both float64");
+        PG_CHECK((a.flags() & py::array::c_style) && (b.flags() & py::array::c_style),
+                 "matmul operands must be C-contiguous");
+        const int m = pg::blas_int(a.shape(0), "m"), k = pg::blas_int(a.shape(1), "k"),
+                  n = pg::blas_int(b.shape(1), "n");
+        const bool f64 = a.dtype().is(py::dtype::of<double>());
+        py::array out = f64 ? py::array(py::array_t<double>({a.shape(0), b.shape(1)}))
+                            : py::array(py::array_t<float>({a.shape(0), b.shape(1)}));
+        const void* ap = a.data();
+        const void* bp = b.data();
+        void* op = out.mutable_data();
+        {
+          py::gil_scoped_release nogil;
+          if (m == 0 || n == 0) {
+          } else if (k == 0) {
+            std::memset(op, 0, static_cast<size_t>(m) * n * (f64 ? 8 : 4));
+          } else if (f64) {
+            pg::matmul_cpu_f64(m, n, k, static_cast<const double*>(ap), static_cast<const double*>(bp),
+                               static_cast<double*>(op));
+          } else {
+            pg::matmul_cpu_f32(m, n, k, static_cast<const float*>(ap), static_cast<const float*>(bp),
+                               static_cast<float*>(op));
+          }
+        }
+        return out;
+      },
+      py::arg("a"), py::arg("b"), "a @ b for C-contiguous float32 or float64 matrices (this module's BLAS).");
 
   m.def(
       "orthonormalize",

@@ -81,23 +81,25 @@ void gram_impl(const MatrixView& a, double* out) {
     for (int64_t j = 0; j < i; ++j) out[i * n + j] = out[j * n + i];
 }
 
+// One read of A, block by block: y_b = A_b q (stored when y is given), then A_b^T y_b summed into z and/or
+// y_b^T y_b summed into yty (fp64 sums of fp32 block products).
 template <typename Tag>
 void power_pass_impl(const MatrixView& a, const void* qv, int64_t l, double* z, void* yv, double* yty) {
   using C = typename Tag::compute;
   const int64_t m = a.rows, n = a.cols;
   const C* q = static_cast<const C*>(qv);
   C* y_out = static_cast<C*>(yv);
-  const bool want_z = z != nullptr;
-  const int64_t zsize = want_z ? n * l : l * l;
+  const bool want_z = z != nullptr, want_g = yty != nullptr;
+  const int64_t zsize = want_z ? n * l : 0, gsize = want_g ? l * l : 0;
   const int T = parallel_ranges(m, 64);
-  std::vector<std::vector<double>> acc(T);
+  std::vector<std::vector<double>> zacc(T), gacc(T);
   const int64_t br = block_rows(n, sizeof(C), int64_t{1} << 20);
   const int li = blas_int(l, "l"), ni = blas_int(n, "n_features");
   SingleThreadedBlas single(T > 1);
   parallel_for(m, 64, [&](int t, int64_t b, int64_t e) {
-    std::vector<C> block, ytmp(y_out ? 0 : static_cast<size_t>(br) * l), part(static_cast<size_t>(zsize));
-    std::vector<double>& sum = acc[t];
-    sum.assign(zsize, 0.0);
+    std::vector<C> block, ytmp(y_out ? 0 : static_cast<size_t>(br) * l), zpart(zsize), gpart(gsize);
+    zacc[t].assign(zsize, 0.0);
+    gacc[t].assign(gsize, 0.0);
     for (int64_t r0 = b; r0 < e; r0 += br) {
       const int64_t nr = std::min(br, e - r0);
       const int nri = blas_int(nr, "rows");
@@ -106,18 +108,24 @@ void power_pass_impl(const MatrixView& a, const void* qv, int64_t l, double* z, 
       C* yb = y_out ? y_out + r0 * l : ytmp.data();
       gemm<C>(false, false, nri, li, ni, C(1), p, lda, q, li, C(0), yb, li);  // y_b = A_b q
       if (want_z) {
-        gemm<C>(true, false, ni, li, nri, C(1), p, lda, yb, li, C(0), part.data(), li);  // A_b^T y_b
-      } else {
-        syrk_ata<C>(li, nri, C(1), yb, li, C(0), part.data(), li);  // y_b^T y_b (upper)
+        gemm<C>(true, false, ni, li, nri, C(1), p, lda, yb, li, C(0), zpart.data(), li);  // A_b^T y_b
+        for (int64_t i = 0; i < zsize; ++i) zacc[t][i] += static_cast<double>(zpart[i]);
       }
-      for (int64_t i = 0; i < zsize; ++i) sum[i] += static_cast<double>(part[i]);
+      if (want_g) {
+        syrk_ata<C>(li, nri, C(1), yb, li, C(0), gpart.data(), li);  // y_b^T y_b (upper)
+        for (int64_t i = 0; i < gsize; ++i) gacc[t][i] += static_cast<double>(gpart[i]);
+      }
     }
   });
-  double* out = want_z ? z : yty;
-  std::fill(out, out + zsize, 0.0);
-  for (int t = 0; t < T; ++t)
-    for (int64_t i = 0; i < zsize; ++i) out[i] += acc[t][i];
-  if (!want_z) {
+  if (want_z) {
+    std::fill(z, z + zsize, 0.0);
+    for (int t = 0; t < T; ++t)
+      for (int64_t i = 0; i < zsize; ++i) z[i] += zacc[t][i];
+  }
+  if (want_g) {
+    std::fill(yty, yty + gsize, 0.0);
+    for (int t = 0; t < T; ++t)
+      for (int64_t i = 0; i < gsize; ++i) yty[i] += gacc[t][i];
     for (int64_t i = 0; i < l; ++i)
       for (int64_t j = 0; j < i; ++j) yty[i * l + j] = yty[j * l + i];
   }
@@ -149,6 +157,8 @@ void project_cpu(const MatrixView& a, const void* q, int64_t l, void* y, double*
 void orthonormalize_cpu(double* q, int64_t n, int64_t l) {
   PG_CHECK(n >= l, "orthonormalize needs at least as many rows as columns, got [", n, ", ", l, "]");
   if (l == 0) return;
+  // Small problem: keep OpenBLAS's pool asleep (waking it here slowed the next fused pass by ~50%).
+  SingleThreadedBlas single(true);
   const int ni = blas_int(n, "rows"), li = blas_int(l, "cols");
   // LAPACK is column-major: transpose into a [l][n] column-major copy.
   std::vector<double> a(static_cast<size_t>(n) * l), tau(l);
@@ -175,6 +185,7 @@ void eigh_top_cpu(const double* c, int64_t d, int64_t k, double* w, double* v) {
   PG_CHECK(k >= 0 && k <= d, "k must be in [0, ", d, "], got ", k);
   if (k == 0) return;
   const int di = blas_int(d, "d");
+  SingleThreadedBlas single(d <= 1024);  // see orthonormalize_cpu
   // Row-major upper == column-major lower of the same buffer.
   std::vector<double> a(c, c + d * d);
   const int il = di - static_cast<int>(k) + 1, iu = di;
@@ -205,6 +216,16 @@ void eigh_top_cpu(const double* c, int64_t d, int64_t k, double* w, double* v) {
     const double sgn = col[arg] < 0 ? -1.0 : 1.0;
     for (int64_t i = 0; i < d; ++i) v[i * k + j] = sgn * col[i];
   }
+}
+
+void matmul_cpu_f32(int m, int n, int k, const float* a, const float* b, float* c) {
+  SingleThreadedBlas single(static_cast<int64_t>(m) * n * k < (int64_t{1} << 28));
+  gemm<float>(false, false, m, n, k, 1.0f, a, k, b, n, 0.0f, c, n);
+}
+
+void matmul_cpu_f64(int m, int n, int k, const double* a, const double* b, double* c) {
+  SingleThreadedBlas single(static_cast<int64_t>(m) * n * k < (int64_t{1} << 27));
+  gemm<double>(false, false, m, n, k, 1.0, a, k, b, n, 0.0, c, n);
 }
 
 void gaussian_cpu(uint64_t seed, int64_t count, double* out) {

@@ -120,8 +120,8 @@ def randomized_svd(
         _check_finite(yty, "a")
         w, wv = _core.eigh_top(yty, k)
         s = np.sqrt(np.clip(w, 0.0, None))
-        v = qmat @ wv
-        u = y @ wv.astype(ct)
+        v = _core.matmul(qmat, wv)
+        u = _core.matmul(y, wv.astype(ct))
     nz = s > 0
     u[:, nz] /= s[nz].astype(ct)
     v = v.astype(ct)
@@ -241,11 +241,11 @@ def top_eigh(
         qmat = _core.power_pass(arr, np.ascontiguousarray(qmat, dtype=ct))
         _core.orthonormalize(qmat)
     y, _ = _core.project(arr, np.ascontiguousarray(qmat, dtype=ct))
-    t = qmat.T @ y.astype(np.float64)
+    t = _core.matmul(np.ascontiguousarray(qmat.T), y.astype(np.float64))
     t = np.ascontiguousarray((t + t.T) / 2)
     w, wv = _core.eigh_top(t, l)
     order = np.argsort(-w, kind="stable")[:k]
-    w, v = w[order], qmat @ wv[:, order]
+    w, v = w[order], _core.matmul(qmat, np.ascontiguousarray(wv[:, order]))
     _fix_signs(np.empty((0, k)), v)
     return w, v
 
