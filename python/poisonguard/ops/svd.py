@@ -14,7 +14,7 @@ from .covariance import _as_int
 _METHODS = ("auto", "gram", "randomized")
 # Time of one multiply-add in a skinny [rows x n] @ [n x l] product relative to one in a large SYRK on this class
 # of machine (measured with bench/bench_svd.py; it only moves the crossover between the two routes).
-_SKINNY_PENALTY = 1.6
+_SKINNY_PENALTY = 1.3
 # The Gram route keeps an n x n float64 matrix; beyond this n the randomized route is always taken.
 _GRAM_MAX_N = 8192
 
@@ -23,7 +23,7 @@ def svd_method(m: int, n: int, k: int, n_oversamples: int = 10, n_iter: int = 4)
     """Which route ``randomized_svd(method="auto")`` takes for an ``[m, n]`` matrix: ``"gram"`` or ``"randomized"``.
 
     The Gram route (``AᵀA`` by blocked SYRK summed in float64, ``eigh``, then ``U = A V / S``) is exact and reads
-    ``A`` twice; it costs about ``m·s²/2`` multiply-adds with ``s = min(m, n)``. The randomized route costs about
+    ``A`` twice; it costs about ``m·s²/2 + m·s·k`` multiply-adds with ``s = min(m, n)``. The randomized route costs about
     ``(2·n_iter + 1)·m·n·l`` with ``l = k + n_oversamples``, in skinny products that run slower per operation. The
     cheaper one wins; the Gram route is also taken whenever ``l >= s / 2`` and never when ``s > 8192``.
     """
@@ -34,7 +34,7 @@ def svd_method(m: int, n: int, k: int, n_oversamples: int = 10, n_iter: int = 4)
         return "randomized"
     if 2 * l >= s:
         return "gram"
-    gram_cost = big * s * s / 2
+    gram_cost = big * s * s / 2 + big * s * k * _SKINNY_PENALTY  # SYRK, then U = A V
     rand_cost = (2 * n_iter + 1) * big * s * l * _SKINNY_PENALTY
     return "gram" if gram_cost <= rand_cost else "randomized"
 
