@@ -80,6 +80,27 @@ void merge_block(CovState st, int64_t g, const C* scatter, const C* shift, const
   st.count[g] = ntot;
 }
 
+// y = x[r] − s in the compute type, and acc += y in fp64 (one row of a gather).
+template <typename Tag, typename C>
+inline void shift_row(const MatrixView& x, int64_t r, const C* __restrict s, C* __restrict y, double* __restrict acc) {
+  using S = typename Tag::storage;
+  const S* __restrict src = x.row<S>(r);
+  const int64_t d = x.cols;
+  if (x.col_stride == 1) {
+    for (int64_t j = 0; j < d; ++j) {
+      const C v = load(Tag{}, src + j) - s[j];
+      y[j] = v;
+      acc[j] += static_cast<double>(v);
+    }
+  } else {
+    for (int64_t j = 0; j < d; ++j) {
+      const C v = load(Tag{}, src + j * x.col_stride) - s[j];
+      y[j] = v;
+      acc[j] += static_cast<double>(v);
+    }
+  }
+}
+
 // Merges the scatter stage of group g into the state and starts a new block.
 void merge_stage(CovState st, CovPending pend, int64_t g) {
   const int64_t d = st.dim;
@@ -112,7 +133,6 @@ bool chunk_finite(const MatrixView& x) {
 template <typename Tag>
 void staged_update(const MatrixView& x, const std::vector<int64_t>& offset, const std::vector<int64_t>& perm,
                    const std::vector<float>& shift, CovState st, CovPending pend) {
-  using S = typename Tag::storage;
   const int64_t d = x.cols, G = st.n_groups, R = pend.rows_cap;
   // Make room first: a stage that cannot take this chunk's rows is multiplied now (it holds only rows of earlier,
   // already validated chunks). Then only a group with more than R rows in this one chunk fills a stage before the
@@ -125,7 +145,6 @@ void staged_update(const MatrixView& x, const std::vector<int64_t>& offset, cons
     fills = fills || cnt > R;
   }
   if (fills && !chunk_finite<Tag>(x)) throw_non_finite<Tag>(x);
-  const bool unit_cols = x.col_stride == 1;
 
   struct Piece {
     int64_t group, src, count, dst;  // rows perm[src, src + count) -> stage rows [dst, dst + count)
@@ -157,23 +176,8 @@ void staged_update(const MatrixView& x, const std::vector<int64_t>& offset, cons
         while (start[pi + 1] <= q) ++pi;
         const Piece& pc = pieces[pi];
         const int64_t i = q - start[pi];
-        const S* __restrict src = x.row<S>(perm[pc.src + i]);
-        const float* __restrict s = shift.data() + pc.group * d;
-        float* __restrict y = pend.rows + (pc.group * R + pc.dst + i) * d;
-        double* __restrict acc = sums.data() + (pi - part_first[t]) * d;
-        if (unit_cols) {
-          for (int64_t j = 0; j < d; ++j) {
-            const float v = load(Tag{}, src + j) - s[j];
-            y[j] = v;
-            acc[j] += static_cast<double>(v);
-          }
-        } else {
-          for (int64_t j = 0; j < d; ++j) {
-            const float v = load(Tag{}, src + j * x.col_stride) - s[j];
-            y[j] = v;
-            acc[j] += static_cast<double>(v);
-          }
-        }
+        shift_row<Tag>(x, perm[pc.src + i], shift.data() + pc.group * d, pend.rows + (pc.group * R + pc.dst + i) * d,
+                       sums.data() + (pi - part_first[t]) * d);
       }
     });
     std::vector<double> piece_sums(pieces.size() * d, 0.0);
@@ -275,7 +279,6 @@ void update_impl(const MatrixView& x, const int64_t* groups, CovState st, CovPen
   // Lambdas below run on other threads: they must see this thread's buffers, not their own thread_local ones.
   C* const buf_data = buf.data();
   C* const scatter_data = scatter.data();
-  const bool unit_cols = x.col_stride == 1;
 
   for (int64_t w0 = 0; w0 < n; w0 += window) {
     const int64_t w1 = std::min(n, w0 + window);
@@ -303,23 +306,7 @@ void update_impl(const MatrixView& x, const int64_t* groups, CovState st, CovPen
         const int64_t p = w0 + q;
         while (runs[ri].end <= p) ++ri;
         const int64_t g = runs[ri].group;
-        const S* __restrict src = x.row<S>(perm[p]);
-        const C* __restrict s = shift.data() + g * d;
-        C* __restrict y = buf_data + q * d;
-        double* __restrict acc = sums.data() + (ri - part_first_run[t]) * d;
-        if (unit_cols) {
-          for (int64_t j = 0; j < d; ++j) {
-            const C v = load(Tag{}, src + j) - s[j];
-            y[j] = v;
-            acc[j] += static_cast<double>(v);
-          }
-        } else {
-          for (int64_t j = 0; j < d; ++j) {
-            const C v = load(Tag{}, src + j * x.col_stride) - s[j];
-            y[j] = v;
-            acc[j] += static_cast<double>(v);
-          }
-        }
+        shift_row<Tag>(x, perm[p], shift.data() + g * d, buf_data + q * d, sums.data() + (ri - part_first_run[t]) * d);
       }
     });
     std::vector<double> run_sums(runs.size() * d, 0.0);

@@ -23,9 +23,9 @@ def svd_method(m: int, n: int, k: int, n_oversamples: int = 10, n_iter: int = 4)
     """Which route ``randomized_svd(method="auto")`` takes for an ``[m, n]`` matrix: ``"gram"`` or ``"randomized"``.
 
     The Gram route (``AᵀA`` by blocked SYRK summed in float64, ``eigh``, then ``U = A V / S``) is exact and reads
-    ``A`` twice; it costs about ``m·s²/2 + m·s·k`` multiply-adds with ``s = min(m, n)``. The randomized route costs about
-    ``(2·n_iter + 1)·m·n·l`` with ``l = k + n_oversamples``, in skinny products that run slower per operation. The
-    cheaper one wins; the Gram route is also taken whenever ``l >= s / 2`` and never when ``s > 8192``.
+    ``A`` twice; it costs about ``m·s²/2 + m·s·k`` multiply-adds with ``s = min(m, n)``. The randomized route
+    costs about ``(2·n_iter + 1)·m·n·l`` with ``l = k + n_oversamples``, in skinny products that run slower per
+    operation. The cheaper one wins; the Gram route is also taken whenever ``l >= s / 2`` and never when ``s > 8192``.
     """
     s = min(m, n)
     big = max(m, n)
