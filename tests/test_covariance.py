@@ -691,3 +691,29 @@ def test_fuzz(d, n_groups, sizes, dtype, seed):
     for c in reversed(chunks):
         merged.merge(_accumulate([c], d, n_groups))
     _check(merged, x, g, n_groups, dt)
+
+
+def test_staging_reused_by_a_new_accumulator_starts_clean():
+    # A dropped accumulator's staging buffers go to the next one of the same shape: nothing of the old data may leak.
+    import gc
+
+    from poisonguard.ops import covariance as cov_mod
+
+    rng = np.random.default_rng(77)
+    d, g = 24, 3
+    old = StreamingCovariance(d, g)
+    old.update(rng.standard_normal((500, d)).astype(np.float32) + 50, rng.integers(0, g, 500))
+    staging = old._pending
+    assert staging is not None and staging[1].any()  # rows are staged, not merged yet
+    del old
+    gc.collect()
+    x = rng.standard_normal((300, d)).astype(np.float32)
+    labels = rng.integers(0, g, 300)
+    new = StreamingCovariance(d, g)
+    assert new._pending is staging  # the same buffers
+    new.update(x, labels)
+    count, mean, cov = _covariance(x, labels, g)
+    np.testing.assert_array_equal(new.count, count)
+    np.testing.assert_allclose(new.mean, mean, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(new.covariance(), cov, rtol=0, atol=1e-5)
+    assert cov_mod._STAGING_POOL.get((g, staging[0].shape[1], d)) is None  # taken, not shared

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,34 @@ def _as_int(value: Any, name: str, minimum: int) -> int:
     if v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
     return v
+
+
+# Staging buffers of accumulators that are gone, kept for the next one of the same shape: a new accumulator then
+# skips the first touch of ~100 MB of fresh pages (≈10% of a 200k x 512 pass here). At most one set per shape.
+_STAGING_POOL: dict[tuple[int, int, int], tuple] = {}
+_STAGING_POOL_MAX = 2
+
+
+def _take_staging(g: int, rows: int, d: int) -> tuple:
+    staging = _STAGING_POOL.pop((g, rows, d), None)
+    if staging is not None:
+        for counter in (staging[1], staging[4], staging[5]):  # rows staged, Σ(x − s), rows in the scatter
+            counter[...] = 0
+        return staging
+    return (
+        np.zeros((g, rows, d), dtype=np.float32),
+        np.zeros(g, dtype=np.int64),
+        np.zeros((g, d, d), dtype=np.float32),
+        np.zeros((g, d), dtype=np.float32),
+        np.zeros((g, d), dtype=np.float64),
+        np.zeros(g, dtype=np.int64),
+    )
+
+
+def _give_back_staging(staging: tuple) -> None:
+    key = (staging[0].shape[0], staging[0].shape[1], staging[0].shape[2])
+    if key not in _STAGING_POOL and len(_STAGING_POOL) < _STAGING_POOL_MAX:
+        _STAGING_POOL[key] = staging
 
 
 def _symmetric(m2_upper: np.ndarray) -> np.ndarray:
@@ -71,14 +100,8 @@ class StreamingCovariance:
         self._pending: tuple | None = None
         rows = min(_STAGE_MAX_ROWS, _STAGING_BYTES // max(1, 4 * g * d))
         if d and rows >= _STAGE_MIN_ROWS and g * d * d * 4 <= _STAGING_BYTES:
-            self._pending = (
-                np.zeros((g, rows, d), dtype=np.float32),
-                np.zeros(g, dtype=np.int64),
-                np.zeros((g, d, d), dtype=np.float32),
-                np.zeros((g, d), dtype=np.float32),
-                np.zeros((g, d), dtype=np.float64),
-                np.zeros(g, dtype=np.int64),
-            )
+            self._pending = _take_staging(g, rows, d)
+            weakref.finalize(self, _give_back_staging, self._pending)
         self._device_state: tuple | None = None  # (count, mean, m2) torch tensors while the state is on a GPU
 
     # -- shape ---------------------------------------------------------------------------------------------------
