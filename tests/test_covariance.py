@@ -701,6 +701,7 @@ def test_staging_reused_by_a_new_accumulator_starts_clean():
 
     rng = np.random.default_rng(77)
     d, g = 24, 3
+    cov_mod._STAGING_POOL.clear()
     old = StreamingCovariance(d, g)
     old.update(rng.standard_normal((500, d)).astype(np.float32) + 50, rng.integers(0, g, 500))
     staging = old._pending

@@ -32,7 +32,8 @@ def _as_int(value: Any, name: str, minimum: int) -> int:
 
 
 # Staging buffers of accumulators that are gone, kept for the next one of the same shape: a new accumulator then
-# skips the first touch of ~100 MB of fresh pages (≈10% of a 200k x 512 pass here). At most one set per shape.
+# skips the first touch of ~100 MB of fresh pages (≈10% of a 200k x 512 pass here). One set per shape, the
+# most recent shapes only.
 _STAGING_POOL: dict[tuple[int, int, int], tuple] = {}
 _STAGING_POOL_MAX = 2
 
@@ -55,8 +56,10 @@ def _take_staging(g: int, rows: int, d: int) -> tuple:
 
 def _give_back_staging(staging: tuple) -> None:
     key = (staging[0].shape[0], staging[0].shape[1], staging[0].shape[2])
-    if key not in _STAGING_POOL and len(_STAGING_POOL) < _STAGING_POOL_MAX:
-        _STAGING_POOL[key] = staging
+    _STAGING_POOL.pop(key, None)
+    while len(_STAGING_POOL) >= _STAGING_POOL_MAX:  # keep the most recent shapes
+        _STAGING_POOL.pop(next(iter(_STAGING_POOL)))
+    _STAGING_POOL[key] = staging
 
 
 def _symmetric(m2_upper: np.ndarray) -> np.ndarray:
