@@ -37,4 +37,20 @@ void for_upper_rows(int64_t d, F&& fn) {
   });
 }
 
+/// While our own threads each call BLAS on their own blocks, OpenBLAS must run single-threaded in each of them (its
+/// pool serialises concurrent callers, and its threaded level-3 routines synchronise by spinning). This OpenBLAS has
+/// no per-thread setting, so the global count is lowered for the scope and restored after it.
+struct SingleThreadedBlas {
+  int previous;
+  bool active;
+  explicit SingleThreadedBlas(bool on) : previous(blas_get_num_threads()), active(on && previous > 1) {
+    if (active) blas_set_num_threads(1);
+  }
+  ~SingleThreadedBlas() {
+    if (active) blas_set_num_threads(previous);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+};
+
 }  // namespace pg

@@ -110,16 +110,32 @@ void merge_stage(CovState st, CovPending pend, int64_t g) {
   std::fill(pend.sum + g * d, pend.sum + (g + 1) * d, 0.0);
 }
 
-// Multiplies the row stage of group g into its scatter stage; merges once enough rows are there.
-void syrk_stage(CovState st, CovPending pend, int64_t g) {
-  const int64_t d = st.dim, k = pend.rows_n[g];
-  if (k == 0) return;
+// Multiplies the row stages of `groups` into their scatter stages; merges those with enough rows. Several stages
+// run side by side, one single-threaded SYRK per thread: OpenBLAS's threaded SYRK on a few thousand rows spends a
+// quarter of its time in its threads' spin-synchronisation.
+void syrk_stages(CovState st, CovPending pend, const std::vector<int64_t>& groups) {
+  const int64_t d = st.dim;
   const int di = blas_int(d, "n_features");
-  syrk_ata<float>(di, blas_int(k, "rows"), 1.0f, pend.rows + g * pend.rows_cap * d, di, pend.n[g] > 0 ? 1.0f : 0.0f,
-                  pend.c + g * d * d, di);
-  pend.n[g] += k;
-  pend.rows_n[g] = 0;
-  if (pend.n[g] >= kFlushRows) merge_stage(st, pend, g);
+  auto multiply = [&](int64_t g) {
+    syrk_ata<float>(di, blas_int(pend.rows_n[g], "rows"), 1.0f, pend.rows + g * pend.rows_cap * d, di,
+                    pend.n[g] > 0 ? 1.0f : 0.0f, pend.c + g * d * d, di);
+  };
+  std::vector<int64_t> todo;
+  for (int64_t g : groups)
+    if (pend.rows_n[g] > 0) todo.push_back(g);
+  if (todo.size() == 1) {
+    multiply(todo[0]);
+  } else if (todo.size() > 1) {
+    SingleThreadedBlas single(true);
+    parallel_for(static_cast<int64_t>(todo.size()), 1, [&](int, int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) multiply(todo[i]);
+    });
+  }
+  for (int64_t g : todo) {
+    pend.n[g] += pend.rows_n[g];
+    pend.rows_n[g] = 0;
+    if (pend.n[g] >= kFlushRows) merge_stage(st, pend, g);
+  }
 }
 
 template <typename Tag>
@@ -139,11 +155,13 @@ void staged_update(const MatrixView& x, const std::vector<int64_t>& offset, cons
   // whole chunk is read; in that case the chunk is checked whole first, so that a bad row leaves everything as it
   // was. Otherwise the sums below reveal bad rows before anything is committed.
   bool fills = false;
+  std::vector<int64_t> full;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t cnt = offset[g + 1] - offset[g];
-    if (cnt > 0 && pend.rows_n[g] + cnt > R) syrk_stage(st, pend, g);
+    if (cnt > 0 && pend.rows_n[g] + cnt > R) full.push_back(g);
     fills = fills || cnt > R;
   }
+  syrk_stages(st, pend, full);
   if (fills && !chunk_finite<Tag>(x)) throw_non_finite<Tag>(x);
 
   struct Piece {
@@ -191,6 +209,7 @@ void staged_update(const MatrixView& x, const std::vector<int64_t>& offset, cons
         if (!std::isfinite(v)) throw_non_finite<Tag>(x);
     }
     // Commit, then multiply the stages that are full.
+    full.clear();
     for (size_t pi = 0; pi < pieces.size(); ++pi) {
       const Piece& pc = pieces[pi];
       const int64_t g = pc.group;
@@ -200,8 +219,9 @@ void staged_update(const MatrixView& x, const std::vector<int64_t>& offset, cons
       for (int64_t j = 0; j < d; ++j) psum[j] += piece_sums[pi * d + j];
       pend.rows_n[g] += pc.count;
       taken[g] += pc.count;
-      if (pend.rows_n[g] == R) syrk_stage(st, pend, g);
+      if (pend.rows_n[g] == R) full.push_back(g);
     }
+    syrk_stages(st, pend, full);
   }
 }
 
@@ -341,10 +361,10 @@ void update_impl(const MatrixView& x, const int64_t* groups, CovState st, CovPen
 
 void covariance_flush_cpu(CovState st, CovPending pend) {
   if (!pend.enabled()) return;
-  for (int64_t g = 0; g < st.n_groups; ++g) {
-    syrk_stage(st, pend, g);
-    merge_stage(st, pend, g);
-  }
+  std::vector<int64_t> all(st.n_groups);
+  for (int64_t g = 0; g < st.n_groups; ++g) all[g] = g;
+  syrk_stages(st, pend, all);
+  for (int64_t g = 0; g < st.n_groups; ++g) merge_stage(st, pend, g);
 }
 
 void covariance_update_cpu(const MatrixView& x, const int64_t* groups, CovState st, CovPending pend) {

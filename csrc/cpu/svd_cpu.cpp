@@ -18,20 +18,6 @@ namespace pg {
 
 namespace {
 
-// While our own threads each call BLAS on their blocks, OpenBLAS must run single-threaded in each of them (its
-// pool serialises concurrent callers). This OpenBLAS has no per-thread setting, so the global count is lowered for
-// the region and restored after it.
-struct SingleThreadedBlas {
-  int previous;
-  bool active;
-  explicit SingleThreadedBlas(bool on) : previous(blas_get_num_threads()), active(on && previous > 1) {
-    if (active) blas_set_num_threads(1);
-  }
-  ~SingleThreadedBlas() {
-    if (active) blas_set_num_threads(previous);
-  }
-};
-
 // A block of rows of A usable by BLAS: a pointer into A when its layout allows, else packed into `buf`.
 template <typename Tag>
 const typename Tag::compute* rows_for_blas(const MatrixView& a, int64_t r0, int64_t nr,
