@@ -1,5 +1,7 @@
-// Streaming per-group covariance on the CPU: gather + shift (one read of x), SYRK per group run in the compute type,
-// fp64 merge (Chan et al.'s pairwise update).
+// Streaming per-group covariance on the CPU. Each chunk is sorted by group and its rows gathered, shifted by the
+// group's running mean (one read of x). fp16/bf16/fp32 rows go to per-group fp32 row stages that are multiplied by
+// SYRK when full and merged into the fp64 state every ~32k rows (see CovPending); fp64 rows, or all rows when the
+// staging is off, are multiplied and merged per chunk. Merges use Chan et al.'s pairwise update.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
