@@ -13,6 +13,7 @@
 #include "common/parallel.h"
 #include "covariance.h"
 #include "device.h"
+#include "projection.h"
 #include "svd.h"
 
 namespace py = pybind11;
@@ -203,6 +204,54 @@ PYBIND11_MODULE(_core, m) {
       py::arg("dtype"), py::arg("groups_ptr"), py::arg("n_groups"), py::arg("count_ptr"), py::arg("mean_ptr"),
       py::arg("m2_ptr"), py::arg("stream"),
       "Device version of covariance_update: all pointers are CUDA device pointers, strides in elements.");
+
+  m.def(
+      "project_scores",
+      [](const py::array& x, const py::object& groups, const py::array& means, const py::array& dirs, bool want_proj,
+         const py::object& que, bool bf16) {
+        MatrixView v = host_matrix(x, bf16, "x");
+        PG_CHECK(means.ndim() == 2 && means.shape(1) == v.cols, "means must be [G, ", v.cols, "]");
+        const int64_t G = means.shape(0);
+        PG_CHECK(dirs.ndim() == 3 && dirs.shape(0) == G && dirs.shape(1) == v.cols, "directions must be [", G, ", ",
+                 v.cols, ", k]");
+        const int64_t k = dirs.shape(2);
+        const bool f64 = v.dtype == DType::float64;
+        PG_CHECK_TYPE(means.dtype().is(py::dtype::of<double>()) && (means.flags() & py::array::c_style),
+                      "means must be C-contiguous float64");
+        PG_CHECK_TYPE(dirs.dtype().is(f64 ? py::dtype::of<double>() : py::dtype::of<float>()) &&
+                          (dirs.flags() & py::array::c_style),
+                      "directions must be C-contiguous ", f64 ? "float64" : "float32", " for this input");
+        py::array keep;
+        const int64_t* g = host_groups(groups, v.rows, keep);
+        py::array que_arr;
+        const double* qp = nullptr;
+        if (!que.is_none()) {
+          que_arr = py::array::ensure(que);
+          PG_CHECK_TYPE(
+              que_arr && que_arr.dtype().is(py::dtype::of<double>()) && (que_arr.flags() & py::array::c_style),
+              "que must be a C-contiguous float64 array");
+          PG_CHECK(que_arr.ndim() == 3 && que_arr.shape(0) == G && que_arr.shape(1) == k && que_arr.shape(2) == k,
+                   "que must be [", G, ", ", k, ", ", k, "]");
+          qp = static_cast<const double*>(que_arr.data());
+        }
+        py::array proj = want_proj ? compute_array(v.dtype, {v.rows, k}) : py::array();
+        py::array_t<double> score(v.rows);
+        py::array_t<double> qs(qp ? v.rows : 0);
+        void* pp = want_proj ? proj.mutable_data() : nullptr;
+        double* sp = score.mutable_data();
+        double* qsp = qp ? qs.mutable_data() : nullptr;
+        const double* mp = static_cast<const double*>(means.data());
+        const void* dp = dirs.data();
+        {
+          py::gil_scoped_release nogil;
+          pg::project_scores_cpu(v, g, G, mp, dp, k, pp, sp, qp, qsp);
+        }
+        return py::make_tuple(want_proj ? py::object(proj) : py::object(py::none()), score,
+                              qp ? py::object(qs) : py::object(py::none()));
+      },
+      py::arg("x"), py::arg("groups"), py::arg("means"), py::arg("directions"), py::arg("want_proj") = true,
+      py::arg("que") = py::none(), py::arg("bf16") = false,
+      "(proj [n, k] or None, score [n] = |proj|^2, que [n] or None) for proj = (x - means[g]) @ directions[g].");
 
   m.def(
       "gram",

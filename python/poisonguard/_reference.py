@@ -41,6 +41,19 @@ def _naive_covariance(x, ddof: int = 1) -> np.ndarray:
     return (x.T @ x - n * np.outer(mu, mu).astype(x.dtype)) / (n - ddof)
 
 
+def _project_scores(x, groups, means, directions, que=None):
+    """float64: ``p = (x − means[g]) @ directions[g]``, ``|p|²`` and ``p que[g] pᵀ`` per row."""
+    x = _to_float64(x)
+    n = x.shape[0]
+    groups = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+    means = np.asarray(means, dtype=np.float64)
+    directions = np.asarray(directions, dtype=np.float64)
+    proj = np.einsum("nd,ndk->nk", x - means[groups], directions[groups])
+    score = (proj**2).sum(axis=1)
+    qs = None if que is None else np.einsum("nk,nkl,nl->n", proj, np.asarray(que, dtype=np.float64)[groups], proj)
+    return proj, score, qs
+
+
 def _gram(a) -> np.ndarray:
     a = _to_float64(a)
     return a.T @ a

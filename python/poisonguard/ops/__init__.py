@@ -1,6 +1,7 @@
 """Array-level operations: validation and dispatch to the C++/CUDA kernels, no detection policy."""
 
 from .covariance import StreamingCovariance
+from .projection import project_scores
 from .svd import randomized_svd, svd_method, top_eigh
 
-__all__ = ["StreamingCovariance", "randomized_svd", "svd_method", "top_eigh"]
+__all__ = ["StreamingCovariance", "project_scores", "randomized_svd", "svd_method", "top_eigh"]
