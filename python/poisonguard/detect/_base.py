@@ -1,0 +1,86 @@
+"""What every detector shares: input plumbing, per-class flagging rules, the report."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from .._interop import as_index_array, host_matrix, is_torch_tensor
+
+
+def iter_chunks(source: Any, chunk_rows: int) -> tuple[int, int, Any]:
+    """``(n_rows, n_features, make_iterator)`` for any source ``poisonguard.sources`` accepts; each call of
+    ``make_iterator()`` starts a new pass yielding ``(x [n, d], row_offset)``."""
+    from .. import sources
+
+    if hasattr(sources, "as_source"):
+        src = sources.as_source(source, chunk_rows=chunk_rows)
+        return src.n_rows, src.n_features, src.chunks
+    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+        source = sources.open_npy(source)
+    arr = source
+    if not is_torch_tensor(arr):
+        host_matrix(arr, "activations")  # validates type, dtype and ndim
+
+    def passes() -> Iterator[tuple[Any, int]]:
+        return sources.iter_row_chunks(arr, chunk_rows)
+
+    return arr.shape[0], arr.shape[1], passes
+
+
+def read_labels(labels: Any, n_rows: int) -> np.ndarray:
+    """Class ids ``[n]`` int64 from an array, a tensor or a ``.npy`` path."""
+    from .. import sources
+
+    if hasattr(sources, "load_labels"):
+        return sources.load_labels(labels, n_rows)
+    if isinstance(labels, (str, bytes)) or hasattr(labels, "__fspath__"):
+        labels = np.load(labels, allow_pickle=False)
+    if hasattr(labels, "__len__") and len(labels) != n_rows:
+        raise ValueError(f"labels has {len(labels)} entries but the source has {n_rows} rows")
+    arr = as_index_array(labels, n_rows, np.iinfo(np.int64).max, name="labels")
+    if (arr < 0).any():
+        raise ValueError("labels must be non-negative class ids")
+    return arr
+
+
+def flag_top_fraction(scores: np.ndarray, labels: np.ndarray, n_classes: int, fraction: float) -> tuple:
+    """Per class, flags the ``floor(fraction · n_c)`` highest scores (ties broken by index, deterministic).
+
+    Returns ``(is_poison [n] bool, threshold [G] float64 (lowest flagged score; +inf when none))``.
+    """
+    order = np.lexsort((np.arange(len(scores)), -scores, labels))  # by class, score descending, then index
+    counts = np.bincount(labels, minlength=n_classes)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    n_flag = np.floor(fraction * counts + 1e-9).astype(np.int64)
+    rank = np.arange(len(scores)) - np.repeat(starts, counts)
+    flagged_sorted = rank < np.repeat(n_flag, counts)
+    is_poison = np.zeros(len(scores), dtype=bool)
+    is_poison[order[flagged_sorted]] = True
+    threshold = np.full(n_classes, np.inf)
+    last = starts + n_flag - 1
+    has = n_flag > 0
+    threshold[has] = scores[order[last[has]]]
+    return is_poison, threshold
+
+
+def robust_threshold(values: np.ndarray, labels: np.ndarray, n_classes: int, z: float) -> tuple:
+    """Per class, flags values more than ``z`` robust standard deviations (1.4826·MAD) above the class median.
+
+    Returns ``(is_poison [n] bool, threshold [G] float64, median [G], scale [G])``.
+    """
+    median = np.full(n_classes, np.nan)
+    scale = np.full(n_classes, np.nan)
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=n_classes)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    for c in np.flatnonzero(counts):
+        v = values[order[bounds[c] : bounds[c + 1]]]
+        med = np.median(v)
+        mad = np.median(np.abs(v - med)) * 1.4826
+        median[c], scale[c] = med, mad
+    threshold = median + z * np.where(scale > 0, scale, np.inf)
+    threshold = np.where(np.isnan(threshold), np.inf, threshold)
+    return values > threshold[labels], threshold, median, scale

@@ -1,0 +1,134 @@
+"""SpectralSignature: the paper's rule, ART 1.20's preset and the "auto" rule, against plain numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from poisonguard import SpectralSignature
+
+
+def _poisoned(rng, n=6000, d=24, g=4, n_poison=120, shift=3.0):
+    y = rng.integers(0, g, n)
+    x = rng.standard_normal((n, d)) + 4 * rng.standard_normal((g, d))[y]
+    target = np.flatnonzero(y == 1)
+    poison = np.sort(rng.choice(target, n_poison, replace=False))
+    x[poison] += shift * rng.standard_normal(d)
+    return x, y, poison
+
+
+def _paper_scores(x, y, g, centred=True):
+    scores = np.zeros(len(x))
+    for c in range(g):
+        idx = np.flatnonzero(y == c)
+        xc = x[idx]
+        m = xc - xc.mean(axis=0)
+        v = np.linalg.svd(m, full_matrices=False)[2][0]
+        scores[idx] = ((m if centred else xc) @ v) ** 2
+    return scores
+
+
+def test_paper_rule_matches_numpy(rng):
+    x, y, _ = _poisoned(rng)
+    det = SpectralSignature(0.05).fit(x, y)
+    ref = _paper_scores(x, y, 4)
+    np.testing.assert_allclose(det.scores_, ref, rtol=1e-8, atol=1e-8)
+    for c in range(4):
+        idx = np.flatnonzero(y == c)
+        n_flag = int(np.floor(1.5 * 0.05 * len(idx) + 1e-9))
+        assert det.is_poison_[idx].sum() == n_flag
+        top = idx[np.argsort(-ref[idx], kind="stable")[:n_flag]]
+        assert set(top) == set(np.flatnonzero(det.is_poison_ & (y == c)))
+
+
+def test_art_preset_matches_art_rule(rng):
+    x, y, _ = _poisoned(rng)
+    det = SpectralSignature(0.33, preset="art").fit(x.astype(np.float32), y)
+    x32 = x.astype(np.float32).astype(np.float64)
+    for c in range(4):
+        idx = np.flatnonzero(y == c)
+        xc = x32[idx]
+        v = np.linalg.svd(xc - xc.mean(axis=0), full_matrices=False)[2][:1]
+        score = np.linalg.norm(v @ xc.T, axis=0)  # ART 1.20.1: uncentred projection
+        cutoff = np.quantile(score, max(1 - 1.5 * 0.33, 0.0))
+        np.testing.assert_allclose(det.scores_[idx], score, rtol=1e-5, atol=1e-4)  # float32 products
+        expected = score >= cutoff
+        # identical sets, ties at the cutoff aside
+        disagree = expected != det.is_poison_[idx]
+        assert np.all(np.isclose(score[disagree], cutoff, rtol=1e-4, atol=1e-4))
+
+
+def test_art_preset_equals_art_code_when_installed(rng):
+    art = pytest.importorskip("art.defences.detector.poison.spectral_signature_defense")
+    x, y, _ = _poisoned(rng, n=2000)
+    det = SpectralSignature(0.33, preset="art").fit(x, y)
+    for c in range(4):
+        idx = np.flatnonzero(y == c)
+        score = art.SpectralSignatureDefense.spectral_signature_scores(x[idx])[:, 0]
+        np.testing.assert_allclose(det.scores_[idx], score, rtol=1e-8)
+
+
+def test_auto_finds_poison_and_spares_clean_classes(rng):
+    x, y, poison = _poisoned(rng, shift=4.0)
+    det = SpectralSignature("auto").fit(x.astype(np.float32), y)
+    assert det.is_poison_[poison].mean() >= 0.95
+    clean = np.ones(len(x), dtype=bool)
+    clean[poison] = False
+    assert det.is_poison_[clean].mean() <= 0.01
+    x2, y2, _ = _poisoned(rng, n_poison=0)
+    det2 = SpectralSignature("auto").fit(x2, y2)
+    assert det2.is_poison_.mean() <= 0.01
+
+
+def test_sources_and_chunking_agree(rng, tmp_path):
+    import torch
+
+    x, y, _ = _poisoned(rng, n=3000)
+    x = x.astype(np.float32)
+    ref = SpectralSignature(0.05).fit(x, y)
+    path = tmp_path / "acts.npy"
+    np.save(path, x)
+    np.save(tmp_path / "labels.npy", y)
+    for src, lab, chunk in [(path, tmp_path / "labels.npy", 100), (torch.from_numpy(x), torch.from_numpy(y), 777)]:
+        det = SpectralSignature(0.05, chunk_rows=chunk).fit(src, lab)
+        np.testing.assert_allclose(det.scores_, ref.scores_, rtol=2e-5, atol=1e-4)
+        assert (det.is_poison_ == ref.is_poison_).mean() > 0.999
+
+
+def test_small_classes_are_reported_not_flagged(rng):
+    x, y, _ = _poisoned(rng, n=600, g=3, n_poison=10)
+    x = np.vstack([x, rng.standard_normal((1, x.shape[1]))])
+    y = np.concatenate([y, [3]])  # class 3: one sample
+    det = SpectralSignature("auto").fit(x, y, n_classes=5)  # class 4: never seen
+    rep = det.report()
+    assert rep["skipped_classes"] == [3]
+    assert not det.is_poison_[-1]
+    assert rep["classes"][4]["samples"] == 0 and rep["classes"][4]["flagged"] == 0
+    assert rep["n_samples"] == len(x)
+
+
+def test_bad_input(rng):
+    x, y, _ = _poisoned(rng, n=400, n_poison=10)
+    with pytest.raises(ValueError, match="preset"):
+        SpectralSignature(preset="nope")
+    with pytest.raises(ValueError, match="expected_poison_fraction"):
+        SpectralSignature(1.5)
+    with pytest.raises(ValueError, match="expected_poison_fraction"):
+        SpectralSignature("sometimes")
+    with pytest.raises(ValueError, match="'auto'"):
+        SpectralSignature("auto", preset="art")
+    with pytest.raises(ValueError, match="eps_multiplier"):
+        SpectralSignature(eps_multiplier=0)
+    with pytest.raises(ValueError, match="rows"):
+        SpectralSignature().fit(x, y[:-1])
+    with pytest.raises(ValueError, match="n_components"):
+        SpectralSignature(n_components=100).fit(x, y)
+    with pytest.raises(ValueError, match="n_classes"):
+        SpectralSignature().fit(x, y, n_classes=2)
+    with pytest.raises(RuntimeError, match="fit"):
+        SpectralSignature().report()
+    with pytest.raises(TypeError):
+        SpectralSignature().fit(x.astype(np.int64), y)
+    bad = x.copy()
+    bad[5, 0] = np.nan
+    with pytest.raises(ValueError, match="first at row 5"):
+        SpectralSignature().fit(bad, y)
