@@ -10,7 +10,7 @@ from ._loader import load_core as _load_core
 _core = _load_core()
 
 from . import ops  # noqa: E402
-from .detect import SpectralSignature  # noqa: E402
+from .detect import SpectralSignature, Spectre  # noqa: E402
 from .ops import StreamingCovariance, randomized_svd, top_eigh  # noqa: E402
 
 __version__: str = _core.__version__
@@ -44,6 +44,7 @@ def set_num_threads(n: int) -> None:
 
 __all__ = [
     "SpectralSignature",
+    "Spectre",
     "StreamingCovariance",
     "__version__",
     "build_info",

@@ -2,5 +2,6 @@
 report()."""
 
 from .spectral import SpectralSignature
+from .spectre import Spectre
 
-__all__ = ["SpectralSignature"]
+__all__ = ["SpectralSignature", "Spectre"]
