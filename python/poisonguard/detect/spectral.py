@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from ..ops import StreamingCovariance, project_scores, top_eigh
 from ..ops.covariance import _as_int
-from ._base import flag_top_fraction, iter_chunks, read_labels, robust_threshold
+from ._base import flag_top_fraction, robust_threshold
+from ._twopass import Projected, project_by_class
 
 _PRESETS = ("paper", "art")
 
@@ -76,44 +76,32 @@ class SpectralSignature:
         """Two passes over ``source`` (activations ``[N, d]``: array, tensor, ``.npy`` path or shard folder):
         per-class statistics, then scores. ``labels`` ``[N]`` integer classes. Returns ``self``."""
         t0 = time.perf_counter()
-        n, d, passes = iter_chunks(source, self.chunk_rows)
-        y = read_labels(labels, n)
-        g = int(y.max()) + 1 if n_classes is None and n else _as_int(n_classes or 1, "n_classes", 1)
-        if n and y.max() >= g:
-            raise ValueError(f"labels go up to {int(y.max())} but n_classes={g}")
-        k = self.n_components
-        if k > d:
-            raise ValueError(f"n_components={k} exceeds the number of features {d}")
+        projected = project_by_class(source, labels, n_classes, self.n_components, self.chunk_rows)
+        self._fit_projected(projected)
+        self.seconds_ = time.perf_counter() - t0
+        return self
 
-        acc = StreamingCovariance(d, g)
-        for x, off in passes():
-            acc.update(x, y[off : off + x.shape[0]])
-        counts, means = acc.count, acc.mean
-        cov = acc.covariance(ddof=0)
-        directions = np.zeros((g, d, k))
-        small = counts < 2
-        for c in np.flatnonzero(~small):
-            _, directions[c] = top_eigh(cov[c], k)
-        centre = np.zeros((g, d)) if self.preset == "art" else np.nan_to_num(means)
-
-        scores = np.empty(n)
-        for x, off in passes():
-            _, s, _ = project_scores(x, y[off : off + x.shape[0]], centre, directions, return_projections=False)
-            scores[off : off + x.shape[0]] = s
+    def _fit_projected(self, pr: Projected) -> None:
+        """Scores and flags from the shared two-pass result (its first ``n_components`` directions)."""
+        k, y, g = self.n_components, pr.labels, pr.n_classes
+        p = np.asarray(pr.proj[:, :k], dtype=np.float64)
         if self.preset == "art":
-            scores = np.sqrt(scores)  # ART reports |v·x|
-
+            # ART projects the uncentred sample: v·x = v·(x − μ) + v·μ.
+            offset = np.einsum("gd,gdk->gk", np.nan_to_num(pr.means), pr.directions[:, :, :k])
+            scores = np.sqrt(((p + offset[y]) ** 2).sum(axis=1))
+        else:
+            scores = (p**2).sum(axis=1)
+        small = pr.counts < 2
         self._flag(scores, y, g)
         self.is_poison_[small[y]] = False
         self.threshold_[small] = np.inf
         self.scores_ = scores
         self.labels_ = y
-        self.counts_ = counts
-        self.means_ = means
-        self.directions_ = directions
-        self.skipped_classes_ = [int(c) for c in np.flatnonzero(small & (counts > 0))]
-        self.seconds_ = time.perf_counter() - t0
-        return self
+        self.counts_ = pr.counts
+        self.means_ = pr.means
+        self.directions_ = pr.directions[:, :, :k]
+        self.skipped_classes_ = [int(c) for c in np.flatnonzero(small & (pr.counts > 0))]
+        self.seconds_ = 0.0
 
     def _flag(self, scores: np.ndarray, y: np.ndarray, g: int) -> None:
         if self.expected_poison_fraction == "auto":

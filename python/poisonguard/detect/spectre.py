@@ -9,9 +9,13 @@ from typing import Any
 import numpy as np
 from scipy.linalg import expm
 
-from ..ops import StreamingCovariance, project_scores, top_eigh
 from ..ops.covariance import _as_int
-from ._base import flag_top_fraction, iter_chunks, read_labels, robust_threshold
+from ._base import flag_top_fraction, iter_chunks, robust_threshold
+from ._twopass import Projected, project_by_class
+
+
+def _n_features(source: Any) -> int:
+    return iter_chunks(source, 1)[1]
 
 
 def robust_mean_cov(p: np.ndarray, trim: float, iters: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,28 +105,17 @@ class Spectre:
         """Two passes over ``source`` (activations ``[N, d]``), then per-class robust statistics on the ``[n_c, k]``
         projections. Returns ``self``."""
         t0 = time.perf_counter()
-        n, d, passes = iter_chunks(source, self.chunk_rows)
-        y = read_labels(labels, n)
-        g = int(y.max()) + 1 if n_classes is None and n else _as_int(n_classes or 1, "n_classes", 1)
-        if n and y.max() >= g:
-            raise ValueError(f"labels go up to {int(y.max())} but n_classes={g}")
-        k = min(self.n_components, d)
+        n_features = _n_features(source)
+        projected = project_by_class(source, labels, n_classes, min(self.n_components, n_features), self.chunk_rows)
+        self._fit_projected(projected)
+        self.seconds_ = time.perf_counter() - t0
+        return self
 
-        acc = StreamingCovariance(d, g)
-        for x, off in passes():
-            acc.update(x, y[off : off + x.shape[0]])
-        counts, means = acc.count, acc.mean
-        cov = acc.covariance(ddof=0)
-        k_c = np.minimum(k, np.maximum(counts - 1, 0))
-        directions = np.zeros((g, d, k))
-        for c in np.flatnonzero(k_c >= 1):
-            _, directions[c, :, : k_c[c]] = top_eigh(cov[c], int(k_c[c]))
-
-        proj = np.empty((n, k), dtype=np.float32)
-        for x, off in passes():
-            p, _, _ = project_scores(x, y[off : off + x.shape[0]], np.nan_to_num(means), directions)
-            proj[off : off + x.shape[0]] = p.numpy() if hasattr(p, "numpy") else p
-
+    def _fit_projected(self, pr: Projected) -> None:
+        """QUE scores and flags from the shared two-pass result (its first ``n_components`` directions)."""
+        y, g = pr.labels, pr.n_classes
+        n = len(y)
+        k_c = np.minimum(pr.n_components, self.n_components)
         auto = self.expected_poison_fraction == "auto"
         trim = 0.25 if auto else min(0.5, self.eps_multiplier * float(self.expected_poison_fraction))
         scores = np.zeros(n)
@@ -131,12 +124,15 @@ class Spectre:
         small = k_c < 2
         for c in np.flatnonzero(~small):
             idx = order[bounds[c] : bounds[c + 1]]
-            pc = proj[idx, : k_c[c]].astype(np.float64)
+            pc = np.asarray(pr.proj[idx, : k_c[c]], dtype=np.float64)
             mu, sigma, _ = robust_mean_cov(pc, trim)
             w, v = np.linalg.eigh(sigma)
             keep = w > 1e-10 * max(w.max(), 1e-300)
             z = (pc - mu) @ (v[:, keep] / np.sqrt(w[keep]))
             scores[idx] = que_scores(z, self.alpha)
+        counts = pr.counts
+        means = pr.means
+        directions = pr.directions[:, :, : self.n_components]
 
         if auto:
             # On sqrt(τ): for a clean class QUE concentrates on a few directions and τ is χ²-like with a long tail,
@@ -155,8 +151,7 @@ class Spectre:
         self.directions_ = directions
         self.n_components_ = k_c
         self.skipped_classes_ = [int(c) for c in np.flatnonzero(small & (counts > 0))]
-        self.seconds_ = time.perf_counter() - t0
-        return self
+        self.seconds_ = 0.0
 
     def report(self) -> dict:
         """Per-class counts and the parameters, as plain JSON-able types."""
