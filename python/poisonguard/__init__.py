@@ -9,9 +9,10 @@ from ._loader import load_core as _load_core
 
 _core = _load_core()
 
-from . import ops  # noqa: E402
+from . import attacks, ops  # noqa: E402
 from .detect import SpectralSignature, Spectre  # noqa: E402
 from .ops import StreamingCovariance, randomized_svd, top_eigh  # noqa: E402
+from .workflow import ScanResult, scan  # noqa: E402
 
 __version__: str = _core.__version__
 
@@ -43,15 +44,18 @@ def set_num_threads(n: int) -> None:
 
 
 __all__ = [
+    "ScanResult",
     "SpectralSignature",
     "Spectre",
     "StreamingCovariance",
     "__version__",
+    "attacks",
     "build_info",
     "get_num_threads",
     "has_cuda",
     "ops",
     "randomized_svd",
+    "scan",
     "set_num_threads",
     "top_eigh",
 ]
