@@ -80,18 +80,6 @@ def test_badnets_digits_ground_truth(digits, fraction):
     assert "badnets" in p.description and f"{len(idx)} of 1797" in p.description
 
 
-def test_badnets_reproduces_demo(digits):
-    """The demo's ad-hoc BadNets (2x2 patch of 1.0 on digits / 16) is the special case patch_size=2, value=1.0."""
-    from poisonguard.demo import badnets_digits
-
-    x_demo, y_demo, idx_demo = badnets_digits(0.05, target=0, seed=0)
-    x, y = digits
-    p = badnets((x / 16.0).astype(np.float32), y, target=0, fraction=0.05, patch_size=2, value=1.0, seed=0)
-    np.testing.assert_array_equal(p.indices, idx_demo)
-    np.testing.assert_array_equal(p.labels, y_demo)
-    np.testing.assert_array_equal(p.images.reshape(len(y), 64), x_demo)
-
-
 @pytest.mark.parametrize("dtype", ["uint8", "float32"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("explicit", [True, False], ids=["explicit", "detected"])

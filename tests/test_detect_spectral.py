@@ -132,3 +132,19 @@ def test_bad_input(rng):
     bad[5, 0] = np.nan
     with pytest.raises(ValueError, match="first at row 5"):
         SpectralSignature().fit(bad, y)
+
+
+def test_mixture_flags_separated_minor_mode_only(rng):
+    from poisonguard.detect._base import mixture_flags
+
+    one = rng.standard_normal(2000)
+    two = np.concatenate([rng.standard_normal(900), rng.standard_normal(100) * 0.5 + 8])
+    values = np.concatenate([one, two])
+    labels = np.repeat([0, 1], [2000, 1000])
+    flags, llr, sep, share = mixture_flags(values, labels, 3, 2.5, "minor")
+    assert (llr[2900:] > 0).all()
+    assert not flags[:2000].any() and sep[0] < 2.5
+    assert flags[2000 + 900 :].all() and not flags[2000:2900].any()
+    assert sep[1] > 5 and abs(share[1] - 0.1) < 0.02 and sep[2] == 0
+    up, _, _, _ = mixture_flags(-values, labels, 3, 2.5, "upper")  # the small mode is now the lower one
+    assert not up.any()

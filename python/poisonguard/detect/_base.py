@@ -84,3 +84,59 @@ def robust_threshold(values: np.ndarray, labels: np.ndarray, n_classes: int, z: 
     threshold = median + z * np.where(scale > 0, scale, np.inf)
     threshold = np.where(np.isnan(threshold), np.inf, threshold)
     return values > threshold[labels], threshold, median, scale
+
+
+def _two_gaussians(v: np.ndarray, iters: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """EM for a 1-D mixture of two Gaussians; deterministic start at the quartiles. Returns (weights, means, sds)."""
+    q1, q3 = np.percentile(v, [25, 75])
+    mu = np.array([q1, q3], dtype=np.float64)
+    sd = np.full(2, max(float(np.std(v)) / 2, 1e-12))
+    w = np.array([0.5, 0.5])
+    floor = max(float(np.std(v)) * 1e-3, 1e-12)
+    for _ in range(iters):
+        logp = np.log(w) - np.log(sd) - 0.5 * ((v[:, None] - mu) / sd) ** 2
+        logp -= logp.max(axis=1, keepdims=True)
+        r = np.exp(logp)
+        r /= r.sum(axis=1, keepdims=True)
+        nk = r.sum(axis=0) + 1e-12
+        new_mu = (r * v[:, None]).sum(axis=0) / nk
+        sd = np.sqrt((r * (v[:, None] - new_mu) ** 2).sum(axis=0) / nk).clip(floor)
+        w = nk / nk.sum()
+        if np.allclose(new_mu, mu, rtol=0, atol=1e-10 * (1 + np.abs(mu).max())):
+            mu = new_mu
+            break
+        mu = new_mu
+    return w, mu, sd
+
+
+def mixture_flags(values: np.ndarray, labels: np.ndarray, n_classes: int, d_min: float, side: str) -> tuple:
+    """Per class, a two-component Gaussian fit of ``values``; when the components are separated (Ashman's
+    D = √2·|μ₁ − μ₂| / √(σ₁² + σ₂²) ≥ ``d_min``), the samples more likely under the suspicious component are flagged:
+    the smaller one (``side="minor"``) or the one with the larger mean, provided it is the smaller (``"upper"``).
+
+    Returns ``(is_poison [n] bool, scores [n] float64 = log-likelihood ratio suspicious vs other,
+    separation [G] = D, share [G] = suspicious component's weight)``.
+    """
+    is_poison = np.zeros(len(values), dtype=bool)
+    scores = np.zeros(len(values))
+    separation = np.zeros(n_classes)
+    share = np.zeros(n_classes)
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=n_classes)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    for c in np.flatnonzero(counts >= 8):
+        idx = order[bounds[c] : bounds[c + 1]]
+        v = values[idx].astype(np.float64)
+        if np.ptp(v) == 0:
+            continue
+        w, mu, sd = _two_gaussians(v)
+        bad = int(np.argmin(w)) if side == "minor" else int(np.argmax(mu))
+        good = 1 - bad
+        lb = np.log(w[bad]) - np.log(sd[bad]) - 0.5 * ((v - mu[bad]) / sd[bad]) ** 2
+        lg = np.log(w[good]) - np.log(sd[good]) - 0.5 * ((v - mu[good]) / sd[good]) ** 2
+        scores[idx] = lb - lg
+        separation[c] = np.sqrt(2) * abs(mu[0] - mu[1]) / np.sqrt(sd[0] ** 2 + sd[1] ** 2)
+        share[c] = w[bad]
+        if separation[c] >= d_min and w[bad] < 0.5:
+            is_poison[idx] = scores[idx] > 0
+    return is_poison, scores, separation, share

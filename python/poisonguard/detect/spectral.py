@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..ops.covariance import _as_int
-from ._base import flag_top_fraction, robust_threshold
+from ._base import flag_top_fraction, mixture_flags
 from ._twopass import Projected, project_by_class
 
 _PRESETS = ("paper", "art")
@@ -22,9 +22,11 @@ class SpectralSignature:
     ----------
     expected_poison_fraction : float in (0, 1] or ``"auto"``, default 0.05
         ε of the paper: the assumed poisoned share of a class. With a number, the top ``eps_multiplier · ε`` share of
-        every class is flagged (the paper's rule). With ``"auto"``, a class's samples are flagged when their
-        projection lies more than ``auto_z`` robust standard deviations (1.4826·MAD) from the class median
-        projection, so a clean class loses almost nothing.
+        every class is flagged (the paper's rule). With ``"auto"``, the projections on each class's top direction
+        are fitted with two Gaussians; when the modes are separated (Ashman's D ≥ ``auto_separation``) the samples
+        of the smaller mode are flagged, else none — so a clean class loses almost nothing. ``scores_`` are then
+        the log-likelihood ratio of the smaller mode vs the larger (``threshold_`` 0, or +inf for a class with one
+        mode), and ``separation_`` / ``share_`` give D and the smaller mode's weight per class.
     eps_multiplier : float, default 1.5
     n_components : int, default 1
         Directions per class (1 in the paper); the score sums the squared projections.
@@ -34,8 +36,8 @@ class SpectralSignature:
         ``expected_pp_poison=0.33`` flags about half of every class).
     chunk_rows : int, default 16384
         Rows per chunk of the two passes over the source.
-    auto_z : float, default 6.0
-        Threshold of the ``"auto"`` rule.
+    auto_separation : float, default 2.5
+        Ashman's D above which the ``"auto"`` rule calls two modes separated.
 
     Attributes after :meth:`fit`: ``scores_ [N]`` (higher = more suspicious), ``is_poison_ [N]`` bool,
     ``threshold_ [G]``, ``directions_ [G, d, k]``, ``means_ [G, d]``, ``counts_ [G]``, ``skipped_classes_``.
@@ -50,7 +52,7 @@ class SpectralSignature:
         n_components: int = 1,
         preset: str = "paper",
         chunk_rows: int = 16384,
-        auto_z: float = 6.0,
+        auto_separation: float = 2.5,
     ) -> None:
         if preset not in _PRESETS:
             raise ValueError(f"preset must be one of {_PRESETS}, got {preset!r}")
@@ -63,14 +65,14 @@ class SpectralSignature:
             raise ValueError("preset='art' needs a numeric expected_poison_fraction (ART has no 'auto')")
         if not eps_multiplier > 0:
             raise ValueError(f"eps_multiplier must be > 0, got {eps_multiplier}")
-        if not auto_z > 0:
-            raise ValueError(f"auto_z must be > 0, got {auto_z}")
+        if not auto_separation > 0:
+            raise ValueError(f"auto_separation must be > 0, got {auto_separation}")
         self.expected_poison_fraction = expected_poison_fraction
         self.eps_multiplier = float(eps_multiplier)
         self.n_components = _as_int(n_components, "n_components", 1)
         self.preset = preset
         self.chunk_rows = _as_int(chunk_rows, "chunk_rows", 1)
-        self.auto_z = float(auto_z)
+        self.auto_separation = float(auto_separation)
 
     def fit(self, source: Any, labels: Any, *, n_classes: int | None = None) -> SpectralSignature:
         """Two passes over ``source`` (activations ``[N, d]``: array, tensor, ``.npy`` path or shard folder):
@@ -89,6 +91,10 @@ class SpectralSignature:
             # ART projects the uncentred sample: v·x = v·(x − μ) + v·μ.
             offset = np.einsum("gd,gdk->gk", np.nan_to_num(pr.means), pr.directions[:, :, :k])
             scores = np.sqrt(((p + offset[y]) ** 2).sum(axis=1))
+        elif self.expected_poison_fraction == "auto":
+            # The signed projection on the top direction: poison is a second mode on one side of the clean mass,
+            # even when it is a third of the class (|p| would fold the two modes together).
+            scores = p[:, 0]
         else:
             scores = (p**2).sum(axis=1)
         small = pr.counts < 2
@@ -105,10 +111,10 @@ class SpectralSignature:
 
     def _flag(self, scores: np.ndarray, y: np.ndarray, g: int) -> None:
         if self.expected_poison_fraction == "auto":
-            # Robust rule on the signed projection's square root: |p| against its class median / MAD.
-            mag = np.sqrt(scores)
-            self.is_poison_, self.threshold_, _, _ = robust_threshold(mag, y, g, self.auto_z)
-            self.threshold_ = self.threshold_**2
+            flags, llr, self.separation_, self.share_ = mixture_flags(scores, y, g, self.auto_separation, "minor")
+            scores[:] = llr  # log-likelihood ratio, suspicious mode vs the other (higher = more suspicious)
+            self.is_poison_ = flags
+            self.threshold_ = np.where((self.separation_ >= self.auto_separation) & (self.share_ < 0.5), 0.0, np.inf)
         elif self.preset == "art":
             q = max(1.0 - self.eps_multiplier * float(self.expected_poison_fraction), 0.0)
             counts = np.bincount(y, minlength=g)
@@ -135,7 +141,7 @@ class SpectralSignature:
                 "eps_multiplier": self.eps_multiplier,
                 "n_components": self.n_components,
                 "preset": self.preset,
-                "auto_z": self.auto_z,
+                "auto_separation": self.auto_separation,
             },
             "n_samples": len(self.scores_),
             "n_flagged": int(self.is_poison_.sum()),

@@ -10,7 +10,7 @@ import numpy as np
 from scipy.linalg import expm
 
 from ..ops.covariance import _as_int
-from ._base import flag_top_fraction, iter_chunks, robust_threshold
+from ._base import flag_top_fraction, iter_chunks, mixture_flags
 from ._twopass import Projected, project_by_class
 
 
@@ -63,8 +63,9 @@ class Spectre:
     ----------
     expected_poison_fraction : float in (0, 1] or ``"auto"``, default 0.05
         With a number: the trimmed share of the robust estimate is ``min(0.5, eps_multiplier · ε)`` and that share
-        of each class's highest QUE scores is flagged (the paper's rule). With ``"auto"``: 25% trimmed, and samples
-        whose QUE score lies more than ``auto_z`` robust SDs above the class median are flagged.
+        of each class's highest QUE scores is flagged (the paper's rule). With ``"auto"``: 40% trimmed, and two
+        Gaussians fitted to each class's log QUE scores; when the upper mode is the smaller one and separated from
+        the other (Ashman's D ≥ ``auto_separation``) its samples are flagged, else none.
     n_components : int, default 32
         PCA dimensions per class (capped at ``d`` and the class size − 1).
     alpha : float, default 4.0
@@ -82,7 +83,7 @@ class Spectre:
         n_components: int = 32,
         alpha: float = 4.0,
         chunk_rows: int = 16384,
-        auto_z: float = 6.0,
+        auto_separation: float = 2.5,
     ) -> None:
         if expected_poison_fraction != "auto" and (
             isinstance(expected_poison_fraction, str) or not 0 < float(expected_poison_fraction) <= 1
@@ -92,14 +93,14 @@ class Spectre:
             raise ValueError(f"eps_multiplier must be > 0, got {eps_multiplier}")
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
-        if not auto_z > 0:
-            raise ValueError(f"auto_z must be > 0, got {auto_z}")
+        if not auto_separation > 0:
+            raise ValueError(f"auto_separation must be > 0, got {auto_separation}")
         self.expected_poison_fraction = expected_poison_fraction
         self.eps_multiplier = float(eps_multiplier)
         self.n_components = _as_int(n_components, "n_components", 1)
         self.alpha = float(alpha)
         self.chunk_rows = _as_int(chunk_rows, "chunk_rows", 1)
-        self.auto_z = float(auto_z)
+        self.auto_separation = float(auto_separation)
 
     def fit(self, source: Any, labels: Any, *, n_classes: int | None = None) -> Spectre:
         """Two passes over ``source`` (activations ``[N, d]``), then per-class robust statistics on the ``[n_c, k]``
@@ -117,7 +118,7 @@ class Spectre:
         n = len(y)
         k_c = np.minimum(pr.n_components, self.n_components)
         auto = self.expected_poison_fraction == "auto"
-        trim = 0.25 if auto else min(0.5, self.eps_multiplier * float(self.expected_poison_fraction))
+        trim = 0.4 if auto else min(0.5, self.eps_multiplier * float(self.expected_poison_fraction))
         scores = np.zeros(n)
         order = np.argsort(y, kind="stable")
         bounds = np.concatenate([[0], np.cumsum(np.bincount(y, minlength=g))])
@@ -135,10 +136,15 @@ class Spectre:
         directions = pr.directions[:, :, : self.n_components]
 
         if auto:
-            # On sqrt(τ): for a clean class QUE concentrates on a few directions and τ is χ²-like with a long tail,
-            # where median/MAD rules misfire; its square root is close to a half-normal.
-            self.is_poison_, self.threshold_, _, _ = robust_threshold(np.sqrt(scores), y, g, self.auto_z)
-            self.threshold_ = self.threshold_**2
+            # Two Gaussians on log τ: poison is an upper mode; a clean class is one mode (τ ~ χ²-like, whose log is
+            # close to Gaussian).
+            logt = np.log(np.maximum(scores, 1e-300))
+            flags, _, self.separation_, self.share_ = mixture_flags(logt, y, g, self.auto_separation, "upper")
+            self.is_poison_ = flags
+            cut = np.full(g, np.inf)
+            for c in np.flatnonzero(np.bincount(y[flags], minlength=g)):
+                cut[c] = scores[flags & (y == c)].min()
+            self.threshold_ = cut
         else:
             frac = min(1.0, self.eps_multiplier * float(self.expected_poison_fraction))
             self.is_poison_, self.threshold_ = flag_top_fraction(scores, y, g, frac)
@@ -166,7 +172,7 @@ class Spectre:
                 "eps_multiplier": self.eps_multiplier,
                 "n_components": self.n_components,
                 "alpha": self.alpha,
-                "auto_z": self.auto_z,
+                "auto_separation": self.auto_separation,
             },
             "n_samples": len(self.scores_),
             "n_flagged": int(self.is_poison_.sum()),

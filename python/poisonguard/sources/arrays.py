@@ -27,7 +27,7 @@ def _mmap_of(x: np.ndarray) -> mmap.mmap | None:
         mm = getattr(base, "_mmap", None)
         if isinstance(mm, mmap.mmap):
             return mm
-        base = base.base
+        base = getattr(base, "base", None)  # numpy views of torch tensors end in a Tensor (no .base)
     return None
 
 
