@@ -66,3 +66,19 @@ def test_bad_arguments(rng):
         scan(x, y, consensus=3)
     with pytest.raises(ValueError, match="rows"):
         scan(x, y[:-1])
+
+
+def test_cli_scan(rng, tmp_path, capsys):
+    from poisonguard import cli
+
+    x, y, _ = _poisoned(rng, n=2000)
+    np.save(tmp_path / "acts.npy", x)
+    np.save(tmp_path / "labels.npy", y)
+    argv = ["scan", str(tmp_path / "acts.npy"), "--labels", str(tmp_path / "labels.npy"), "--out", str(tmp_path / "o")]
+    assert cli.main([*argv, "--consensus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Jaccard" in out and "consensus" in out
+    assert ScanResult.load(tmp_path / "o").consensus == "2"
+    assert cli.main([*argv, "--methods", "spectral", "--expected-poison-fraction", "0.1"]) == 0
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--expected-poison-fraction", "lots"])

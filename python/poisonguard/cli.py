@@ -28,6 +28,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from .workflow import scan
+
+    fraction: float | str = args.expected_poison_fraction
+    if fraction != "auto":
+        try:
+            fraction = float(fraction)
+        except ValueError:
+            raise SystemExit(f"--expected-poison-fraction must be a number or 'auto', got {fraction!r}") from None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    consensus: str | int = int(args.consensus) if args.consensus.isdigit() else args.consensus
+    result = scan(
+        args.activations,
+        args.labels,
+        methods=methods,
+        expected_poison_fraction=fraction,
+        consensus=consensus,
+        chunk_rows=args.chunk_rows,
+    )
+    print(f"scanned {len(result.is_poison)} samples with {', '.join(result.flags)} in {result.seconds:.2f} s")
+    print(result.table())
+    for a in result.agreement:
+        print(f"agreement {a['a']}/{a['b']}: both {a['both']}, only {a['a']} {a['only_a']}, only {a['b']} "
+              f"{a['only_b']}, Jaccard {a['jaccard']:.2f}")  # fmt: skip
+    print(f"flagged ({result.consensus}): {int(result.is_poison.sum())}")
+    if args.out:
+        print(f"results written to {result.save(args.out)}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="poisonguard",
@@ -37,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print what was built (version, CUDA, BLAS, threads, compiler)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_cmd_info)
+    sc = sub.add_parser("scan", help="scan activations for poisoned samples (spectral signatures, SPECTRE)")
+    sc.add_argument("activations", help="activations [N, d]: a .npy file or a shard folder")
+    sc.add_argument("--labels", required=True, help="labels [N]: a .npy file of integer classes")
+    sc.add_argument("--methods", default="spectral,spectre", help="comma-separated (default: %(default)s)")
+    sc.add_argument("--expected-poison-fraction", default="auto", help="a fraction in (0, 1] or 'auto' (default)")
+    sc.add_argument("--consensus", default="any", help="'any', 'all' or a vote count (default: any)")
+    sc.add_argument("--chunk-rows", type=int, default=16384, help="rows per chunk (default: %(default)s)")
+    sc.add_argument("--out", default=None, help="folder for flags, scores and summary.json")
+    sc.set_defaults(func=_cmd_scan)
     demo = sub.add_parser("demo", help="BadNets on sklearn's digits: sacrificial CNN, then scan its activations")
     demo.add_argument("--out", default="poisonguard-demo", help="folder for the results (default: %(default)s)")
     demo.add_argument("--fraction", type=float, default=0.05, help="poisoned share of the data (default: 0.05)")
