@@ -146,9 +146,7 @@ def scan(
     t0 = time.perf_counter()
     detectors: dict[str, Any] = {}
     if "spectral" in methods:
-        detectors["spectral"] = SpectralSignature(
-            expected_poison_fraction, chunk_rows=chunk_rows, **(spectral or {})
-        )
+        detectors["spectral"] = SpectralSignature(expected_poison_fraction, chunk_rows=chunk_rows, **(spectral or {}))
     if "spectre" in methods:
         detectors["spectre"] = Spectre(expected_poison_fraction, chunk_rows=chunk_rows, **(spectre or {}))
     _consensus({m: np.zeros(1, dtype=bool) for m in methods}, consensus)  # validate before reading anything
