@@ -46,6 +46,15 @@ def covariance_update_cuda(
     m2_ptr: int,
     stream: int,
 ) -> None: ...
+def project_scores(
+    x: npt.NDArray[Any],
+    groups: npt.NDArray[np.int64] | None,
+    means: npt.NDArray[np.float64],
+    directions: npt.NDArray[Any],
+    want_proj: bool = True,
+    que: npt.NDArray[np.float64] | None = None,
+    bf16: bool = False,
+) -> tuple[npt.NDArray[Any] | None, npt.NDArray[np.float64], npt.NDArray[np.float64] | None]: ...
 def gram(a: npt.NDArray[Any], bf16: bool = False) -> npt.NDArray[np.float64]: ...
 def power_pass(a: npt.NDArray[Any], q: npt.NDArray[Any], bf16: bool = False) -> npt.NDArray[np.float64]: ...
 def project(
