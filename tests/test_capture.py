@@ -8,8 +8,8 @@ import types
 import numpy as np
 import pytest
 import torch
+from poisonguard._progress import Progress
 from poisonguard.sources import ShardSource, as_source, capture_activations
-from poisonguard.sources import capture as capture_module
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -153,7 +153,7 @@ def test_builtin_progress_bar(tmp_path, capsys, monkeypatch):
     capture_activations(mlp, loader, "0", tmp_path / "a")
     err = capsys.readouterr().err
     assert "capture 0: 3/3 batches, 10 rows" in err and err.endswith("\n")
-    monkeypatch.setattr(capture_module._Progress, "interval", 0.0)  # draw on every update
+    monkeypatch.setattr(Progress, "interval", 0.0)  # draw on every update
     capture_activations(mlp, (b for b in [torch.zeros(2, 3)] * 2), "0", tmp_path / "b")
     err = capsys.readouterr().err
     assert "capture 0: 1 batches, 2 rows" in err and "capture 0: 2 batches, 4 rows" in err  # no total: no len()

@@ -82,3 +82,15 @@ def test_cli_scan(rng, tmp_path, capsys):
     assert cli.main([*argv, "--methods", "spectral", "--expected-poison-fraction", "0.1"]) == 0
     with pytest.raises(SystemExit):
         cli.main([*argv, "--expected-poison-fraction", "lots"])
+
+
+def test_scan_progress_lines(rng, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # the plain stderr line
+    x, y, _ = _poisoned(rng, n=1000, n_poison=10)
+    scan(x, y, methods=("spectral",), progress=True, chunk_rows=300)
+    err = capsys.readouterr().err
+    assert "pass 1/2 statistics: 1000/1000 rows" in err and "pass 2/2 projections: 1000/1000 rows" in err
+    scan(x, y, methods=("spectral",))
+    assert capsys.readouterr().err == ""

@@ -46,6 +46,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         expected_poison_fraction=fraction,
         consensus=consensus,
         chunk_rows=args.chunk_rows,
+        progress=not args.quiet,
     )
     print(f"scanned {len(result.is_poison)} samples with {', '.join(result.flags)} in {result.seconds:.2f} s")
     print(result.table())
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--consensus", default="any", help="'any', 'all' or a vote count (default: any)")
     sc.add_argument("--chunk-rows", type=int, default=16384, help="rows per chunk (default: %(default)s)")
     sc.add_argument("--out", default=None, help="folder for flags, scores and summary.json")
+    sc.add_argument("--quiet", action="store_true", help="no progress lines")
     sc.set_defaults(func=_cmd_scan)
     demo = sub.add_parser("demo", help="BadNets on sklearn's digits: sacrificial CNN, then scan its activations")
     demo.add_argument("--out", default="poisonguard-demo", help="folder for the results (default: %(default)s)")

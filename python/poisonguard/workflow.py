@@ -131,6 +131,7 @@ def scan(
     chunk_rows: int = 16384,
     spectral: dict | None = None,
     spectre: dict | None = None,
+    progress: bool = False,
 ) -> ScanResult:
     """Scans activations ``[N, d]`` (array, tensor, ``.npy`` path or shard folder) with integer ``labels`` ``[N]``.
 
@@ -154,7 +155,7 @@ def scan(
 
     n_features = iter_chunks(source, 1)[1]
     k = min(max(det.n_components for det in detectors.values()), n_features)
-    projected = project_by_class(source, labels, n_classes, k, chunk_rows)
+    projected = project_by_class(source, labels, n_classes, k, chunk_rows, progress=progress)
     for det in detectors.values():
         det._fit_projected(projected)
 

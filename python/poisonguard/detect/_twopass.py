@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .._progress import Progress
 from ..ops import StreamingCovariance, project_scores, top_eigh
 from ._base import iter_chunks, read_labels
 
@@ -30,7 +31,7 @@ class Projected:
 
 
 def project_by_class(
-    source: Any, labels: Any, n_classes: int | None, k: int, chunk_rows: int, progress: Any = None
+    source: Any, labels: Any, n_classes: int | None, k: int, chunk_rows: int, progress: bool = False
 ) -> Projected:
     """Pass 1: streaming per-class covariance. Between: the top-``k`` directions of each class (``top_eigh``). Pass 2:
     the fused centre-project kernel, projections stored ``[N, k]`` in the compute type (in a temporary file when
@@ -49,10 +50,11 @@ def project_by_class(
         raise ValueError(f"n_components={k} exceeds the number of features {d}")
 
     acc = StreamingCovariance(d, g)
+    bar = Progress(n, progress, "pass 1/2 statistics", unit="row")
     for x, off in passes():
         acc.update(x, y[off : off + x.shape[0]])
-        if progress is not None:
-            progress(x.shape[0])
+        bar.update(x.shape[0])
+    bar.close()
     counts, means = acc.count, acc.mean
     cov = acc.covariance(ddof=0)
     k_c = np.minimum(k, np.maximum(counts - 1, 0))
@@ -64,14 +66,15 @@ def project_by_class(
 
     proj = None
     centre = np.nan_to_num(means)
+    bar = Progress(n, progress, "pass 2/2 projections", unit="row")
     for x, off in passes():
         p, _, _ = project_scores(x, y[off : off + x.shape[0]], centre, directions)
         p = p.numpy() if hasattr(p, "numpy") else p
         if proj is None:  # the kernels' compute type: float64 for float64 input, float32 otherwise
             proj = _allocate(n, k, p.dtype)
         proj[off : off + x.shape[0]] = p
-        if progress is not None:
-            progress(x.shape[0])
+        bar.update(x.shape[0])
+    bar.close()
     if proj is None:
         proj = np.empty((n, k), dtype=np.float32)
     return Projected(y, g, counts, means, directions, eigenvalues, k_c, proj)

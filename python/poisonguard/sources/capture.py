@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .._interop import describe
+from .._progress import Progress
 from ..ops.covariance import _as_int
 from .arrays import import_optional
 from .base import DtypeLike, dtype_name
@@ -21,47 +20,6 @@ from .shards import ShardSource, ShardWriter, _prepare_folder
 
 class _StopForward(Exception):
     """Raised by the hook once the layer's output is in hand: the layers after it need not run."""
-
-
-class _Progress:
-    """tqdm when it is installed, else one self-overwriting line on stderr (at most one update per ``interval``)."""
-
-    interval = 0.2  # seconds
-
-    def __init__(self, total: int | None, enabled: bool, desc: str) -> None:
-        self.total, self.enabled, self.desc = total, enabled, desc
-        self.batches = self.rows = 0
-        self.t0 = self.last = time.monotonic()
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                pass
-            else:
-                self.bar = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr)
-
-    def update(self, rows: int) -> None:
-        self.batches += 1
-        self.rows += rows
-        if self.bar is not None:
-            self.bar.update(1)
-        elif self.enabled and time.monotonic() - self.last >= self.interval:
-            self._line("")
-
-    def _line(self, end: str) -> None:
-        self.last = time.monotonic()
-        of = f"/{self.total}" if self.total is not None else ""
-        sys.stderr.write(
-            f"\r{self.desc}: {self.batches}{of} batches, {self.rows} rows, {self.last - self.t0:.1f} s{end}"
-        )
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            self._line("\n")
 
 
 def _split_batch(batch: Any, torch: Any) -> tuple[Any, Any]:
@@ -155,7 +113,7 @@ def capture_activations(
     was_training = model.training
     model.to(device)
     model.eval()
-    bar = _Progress(total, progress, desc=f"capture {layer or 'model'}")
+    bar = Progress(total, progress, desc=f"capture {layer or 'model'}")
     writer: ShardWriter | None = None
     try:
         with torch.no_grad():
