@@ -94,3 +94,15 @@ def test_scan_progress_lines(rng, capsys, monkeypatch):
     assert "pass 1/2 statistics: 1000/1000 rows" in err and "pass 2/2 projections: 1000/1000 rows" in err
     scan(x, y, methods=("spectral",))
     assert capsys.readouterr().err == ""
+
+
+def test_disk_backed_projections_give_the_same_result(rng, monkeypatch):
+    from poisonguard.detect import _twopass
+
+    x, y, _ = _poisoned(rng, n=3000)
+    in_memory = scan(x, y, spectre={"n_components": 8})
+    monkeypatch.setattr(_twopass, "_IN_MEMORY_BYTES", 0)  # projections go to a temporary file
+    on_disk = scan(x, y, spectre={"n_components": 8})
+    for m in in_memory.scores:
+        np.testing.assert_array_equal(on_disk.scores[m], in_memory.scores[m])
+    np.testing.assert_array_equal(on_disk.is_poison, in_memory.is_poison)

@@ -10,6 +10,7 @@ import numpy as np
 
 from .._progress import Progress
 from ..ops import StreamingCovariance, project_scores, top_eigh
+from ..sources.arrays import _PageReleaser
 from ._base import iter_chunks, read_labels
 
 # Projections larger than this go to a temporary file instead of memory.
@@ -72,12 +73,31 @@ def project_by_class(
         p = p.numpy() if hasattr(p, "numpy") else p
         if proj is None:  # the kernels' compute type: float64 for float64 input, float32 otherwise
             proj = _allocate(n, k, p.dtype)
+            pages = _PageReleaser(proj)
         proj[off : off + x.shape[0]] = p
+        pages.release(proj[off : off + x.shape[0]])  # written pages leave this process (kept by the OS cache)
         bar.update(x.shape[0])
     bar.close()
     if proj is None:
         proj = np.empty((n, k), dtype=np.float32)
     return Projected(y, g, counts, means, directions, eigenvalues, k_c, proj)
+
+
+def read_columns(proj: np.ndarray, k: int, rows: np.ndarray | None = None, chunk: int = 1 << 16) -> np.ndarray:
+    """``proj[rows, :k]`` (all rows when None) as a dense float64 array, read in row blocks; for a disk-backed
+    ``proj`` the pages read are released as it goes, so resident memory stays near the result's size."""
+    pages = _PageReleaser(proj) if isinstance(proj, np.memmap) else None
+    if rows is None:
+        out = np.empty((proj.shape[0], k))
+        for s in range(0, proj.shape[0], chunk):
+            out[s : s + chunk] = proj[s : s + chunk, :k]
+            if pages is not None:
+                pages.release(proj[s : s + chunk])
+        return out
+    out = np.asarray(proj[rows, :k], dtype=np.float64)
+    if pages is not None and len(proj):
+        pages.release(proj[:])
+    return out
 
 
 def _allocate(n: int, k: int, dtype: np.dtype) -> np.ndarray:

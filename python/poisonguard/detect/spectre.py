@@ -11,7 +11,7 @@ from scipy.linalg import expm
 
 from ..ops.covariance import _as_int
 from ._base import flag_top_fraction, iter_chunks, mixture_flags
-from ._twopass import Projected, project_by_class
+from ._twopass import Projected, project_by_class, read_columns
 
 
 def _n_features(source: Any) -> int:
@@ -125,7 +125,7 @@ class Spectre:
         small = k_c < 2
         for c in np.flatnonzero(~small):
             idx = order[bounds[c] : bounds[c + 1]]
-            pc = np.asarray(pr.proj[idx, : k_c[c]], dtype=np.float64)
+            pc = read_columns(pr.proj, int(k_c[c]), idx)
             mu, sigma, _ = robust_mean_cov(pc, trim)
             w, v = np.linalg.eigh(sigma)
             keep = w > 1e-10 * max(w.max(), 1e-300)
