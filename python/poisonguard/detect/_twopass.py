@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +103,10 @@ def read_columns(proj: np.ndarray, k: int, rows: np.ndarray | None = None, chunk
 
 def _allocate(n: int, k: int, dtype: np.dtype) -> np.ndarray:
     if n * k * np.dtype(dtype).itemsize > _IN_MEMORY_BYTES:
-        tmp = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the memmap that maps it
-        return np.memmap(tmp, dtype=dtype, mode="w+", shape=(n, k))
+        fd, path = tempfile.mkstemp(prefix="poisonguard-proj-", suffix=".bin")
+        os.close(fd)
+        try:
+            return np.memmap(path, dtype=dtype, mode="w+", shape=(n, k))
+        finally:
+            os.unlink(path)  # the mapping keeps the data; the space is freed when it goes
     return np.empty((n, k), dtype=dtype)
