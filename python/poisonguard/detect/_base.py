@@ -86,27 +86,33 @@ def robust_threshold(values: np.ndarray, labels: np.ndarray, n_classes: int, z: 
     return values > threshold[labels], threshold, median, scale
 
 
-def _two_gaussians(v: np.ndarray, iters: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """EM for a 1-D mixture of two Gaussians; deterministic start at the quartiles. Returns (weights, means, sds)."""
+def _two_gaussians(v: np.ndarray, iters: int = 100, max_points: int = 4000) -> tuple:
+    """EM for a 1-D mixture of two Gaussians, deterministic start at the quartiles; fitted on at most ``max_points``
+    evenly spaced order statistics of ``v`` (the fit of a 1-D density needs no more). Returns (weights, means, sds).
+    """
+    if len(v) > max_points:
+        v = np.sort(v)[np.linspace(0, len(v) - 1, max_points).astype(np.int64)]
     q1, q3 = np.percentile(v, [25, 75])
-    mu = np.array([q1, q3], dtype=np.float64)
-    sd = np.full(2, max(float(np.std(v)) / 2, 1e-12))
-    w = np.array([0.5, 0.5])
-    floor = max(float(np.std(v)) * 1e-3, 1e-12)
+    mu0, mu1 = float(q1), float(q3)
+    spread = float(np.std(v))
+    sd0 = sd1 = max(spread / 2, 1e-12)
+    w0 = 0.5
+    floor = max(spread * 1e-3, 1e-12)
     for _ in range(iters):
-        logp = np.log(w) - np.log(sd) - 0.5 * ((v[:, None] - mu) / sd) ** 2
-        logp -= logp.max(axis=1, keepdims=True)
-        r = np.exp(logp)
-        r /= r.sum(axis=1, keepdims=True)
-        nk = r.sum(axis=0) + 1e-12
-        new_mu = (r * v[:, None]).sum(axis=0) / nk
-        sd = np.sqrt((r * (v[:, None] - new_mu) ** 2).sum(axis=0) / nk).clip(floor)
-        w = nk / nk.sum()
-        if np.allclose(new_mu, mu, rtol=0, atol=1e-10 * (1 + np.abs(mu).max())):
-            mu = new_mu
+        a = np.log(w0) - np.log(sd0) - 0.5 * ((v - mu0) / sd0) ** 2
+        b = np.log(1 - w0) - np.log(sd1) - 0.5 * ((v - mu1) / sd1) ** 2
+        r1 = 1.0 / (1.0 + np.exp(np.clip(a - b, -700, 700)))  # posterior of component 1
+        r0 = 1.0 - r1
+        n0, n1 = r0.sum() + 1e-12, r1.sum() + 1e-12
+        new0, new1 = float(r0 @ v / n0), float(r1 @ v / n1)
+        sd0 = max(float(np.sqrt(r0 @ (v - new0) ** 2 / n0)), floor)
+        sd1 = max(float(np.sqrt(r1 @ (v - new1) ** 2 / n1)), floor)
+        w0 = float(np.clip(n0 / (n0 + n1), 1e-9, 1 - 1e-9))
+        done = abs(new0 - mu0) + abs(new1 - mu1) <= 1e-6 * (spread + 1e-300)
+        mu0, mu1 = new0, new1
+        if done:
             break
-        mu = new_mu
-    return w, mu, sd
+    return np.array([w0, 1 - w0]), np.array([mu0, mu1]), np.array([sd0, sd1])
 
 
 def mixture_flags(values: np.ndarray, labels: np.ndarray, n_classes: int, d_min: float, side: str) -> tuple:

@@ -16,7 +16,7 @@ _STATE_KEYS = ("count", "mean", "m2")
 # Budget of each fp32 staging buffer (rows: G·R·d floats; scatter: G·d² floats) and the row-stage bounds.
 _STAGING_BYTES = 96 * 2**20
 _STAGE_MAX_ROWS = 16384
-_STAGE_MIN_ROWS = 1024
+_STAGE_MIN_ROWS = 256
 
 
 def _as_int(value: Any, name: str, minimum: int) -> int:
