@@ -9,6 +9,7 @@
 
 #include "common/blas.h"
 #include "common/check.h"
+#include "common/group_sort.h"
 #include "common/parallel.h"
 #include "covariance.h"
 
@@ -235,23 +236,10 @@ void update_impl(const MatrixView& x, const int64_t* groups, CovState st, CovPen
   constexpr bool staged_type = std::is_same_v<C, float>;
   const bool staged = staged_type && pend.enabled();
 
-  // Counting sort of the rows by group (stable: rows keep their order inside a group).
-  std::vector<int64_t> offset(G + 1, 0);
-  for (int64_t r = 0; r < n; ++r) {
-    const int64_t g = groups ? groups[r] : 0;
-    PG_CHECK(g >= 0 && g < G, "group id ", g, " at row ", r, " is outside [0, ", G, ")");
-    ++offset[g + 1];
-  }
-  for (int64_t g = 0; g < G; ++g) offset[g + 1] += offset[g];
-  std::vector<int64_t> perm(n), group_of(n);
-  {
-    std::vector<int64_t> next(offset.begin(), offset.end() - 1);
-    for (int64_t r = 0; r < n; ++r) {
-      const int64_t g = groups ? groups[r] : 0;
-      group_of[next[g]] = g;
-      perm[next[g]++] = r;
-    }
-  }
+  const GroupOrder order(groups, n, G);
+  const std::vector<int64_t>& offset = order.offset;
+  const std::vector<int64_t>& perm = order.perm;
+  const std::vector<int64_t>& group_of = order.group_of;
 
   // Shift per group: the running mean when the group has data, else the mean of its rows in this chunk (an extra
   // read of those rows, once per group). A shift far from the mean (say, one sample) leaves a rank-one part of size

@@ -5,6 +5,7 @@
 
 #include "common/blas.h"
 #include "common/check.h"
+#include "common/group_sort.h"
 #include "common/parallel.h"
 #include "projection.h"
 
@@ -23,22 +24,10 @@ void project_impl(const MatrixView& x, const int64_t* groups, int64_t G, const d
   const C* dirs = static_cast<const C*>(dirs_v);
   C* proj = static_cast<C*>(proj_v);
 
-  std::vector<int64_t> offset(G + 1, 0);
-  for (int64_t r = 0; r < n; ++r) {
-    const int64_t g = groups ? groups[r] : 0;
-    PG_CHECK(g >= 0 && g < G, "group id ", g, " at row ", r, " is outside [0, ", G, ")");
-    ++offset[g + 1];
-  }
-  for (int64_t g = 0; g < G; ++g) offset[g + 1] += offset[g];
-  std::vector<int64_t> perm(n), group_of(n);
-  {
-    std::vector<int64_t> next(offset.begin(), offset.end() - 1);
-    for (int64_t r = 0; r < n; ++r) {
-      const int64_t g = groups ? groups[r] : 0;
-      group_of[next[g]] = g;
-      perm[next[g]++] = r;
-    }
-  }
+  const GroupOrder order(groups, n, G);
+  const std::vector<int64_t>& offset = order.offset;
+  const std::vector<int64_t>& perm = order.perm;
+  const std::vector<int64_t>& group_of = order.group_of;
   const int di = blas_int(d, "n_features"), ki = blas_int(k, "n_components");
   const int T = parallel_ranges(n, kBlockRows);
   SingleThreadedBlas single(T > 1);

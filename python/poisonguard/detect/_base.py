@@ -146,3 +146,31 @@ def mixture_flags(values: np.ndarray, labels: np.ndarray, n_classes: int, d_min:
         if separation[c] >= d_min and w[bad] < 0.5:
             is_poison[idx] = scores[idx] > 0
     return is_poison, scores, separation, share
+
+
+def detector_report(det: Any, method: str, params: dict, per_class: dict[str, np.ndarray] | None = None) -> dict:
+    """The common ``report()`` of a fitted detector: parameters, totals and one row per class (samples, flagged,
+    threshold, plus any ``per_class`` columns), as plain JSON-able types."""
+    if not hasattr(det, "scores_"):
+        raise RuntimeError("call fit() first")
+    g = len(det.counts_)
+    flagged = np.bincount(det.labels_[det.is_poison_], minlength=g)
+    extra = per_class or {}
+    return {
+        "method": method,
+        "params": params,
+        "n_samples": len(det.scores_),
+        "n_flagged": int(det.is_poison_.sum()),
+        "classes": [
+            {
+                "class": c,
+                "samples": int(det.counts_[c]),
+                "flagged": int(flagged[c]),
+                **{k: int(v[c]) for k, v in extra.items()},
+                "threshold": float(det.threshold_[c]) if np.isfinite(det.threshold_[c]) else None,
+            }
+            for c in range(g)
+        ],
+        "skipped_classes": det.skipped_classes_,
+        "seconds": det.seconds_,
+    }

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..ops.covariance import _as_int
-from ._base import flag_top_fraction, mixture_flags
+from ._base import detector_report, flag_top_fraction, mixture_flags
 from ._twopass import Projected, project_by_class, read_columns
 
 _PRESETS = ("paper", "art")
@@ -130,30 +130,14 @@ class SpectralSignature:
 
     def report(self) -> dict:
         """Per-class counts and the parameters, as plain JSON-able types."""
-        if not hasattr(self, "scores_"):
-            raise RuntimeError("call fit() first")
-        g = len(self.counts_)
-        flagged = np.bincount(self.labels_[self.is_poison_], minlength=g)
-        return {
-            "method": "spectral",
-            "params": {
+        return detector_report(
+            self,
+            "spectral",
+            {
                 "expected_poison_fraction": self.expected_poison_fraction,
                 "eps_multiplier": self.eps_multiplier,
                 "n_components": self.n_components,
                 "preset": self.preset,
                 "auto_separation": self.auto_separation,
             },
-            "n_samples": len(self.scores_),
-            "n_flagged": int(self.is_poison_.sum()),
-            "classes": [
-                {
-                    "class": c,
-                    "samples": int(self.counts_[c]),
-                    "flagged": int(flagged[c]),
-                    "threshold": float(self.threshold_[c]) if np.isfinite(self.threshold_[c]) else None,
-                }
-                for c in range(g)
-            ],
-            "skipped_classes": self.skipped_classes_,
-            "seconds": self.seconds_,
-        }
+        )

@@ -11,7 +11,7 @@ from scipy.linalg import expm
 
 from .. import _core
 from ..ops.covariance import _as_int
-from ._base import flag_top_fraction, iter_chunks, mixture_flags
+from ._base import detector_report, flag_top_fraction, iter_chunks, mixture_flags
 from ._twopass import Projected, project_by_class, read_columns
 
 
@@ -175,31 +175,15 @@ class Spectre:
 
     def report(self) -> dict:
         """Per-class counts and the parameters, as plain JSON-able types."""
-        if not hasattr(self, "scores_"):
-            raise RuntimeError("call fit() first")
-        g = len(self.counts_)
-        flagged = np.bincount(self.labels_[self.is_poison_], minlength=g)
-        return {
-            "method": "spectre",
-            "params": {
+        return detector_report(
+            self,
+            "spectre",
+            {
                 "expected_poison_fraction": self.expected_poison_fraction,
                 "eps_multiplier": self.eps_multiplier,
                 "n_components": self.n_components,
                 "alpha": self.alpha,
                 "auto_separation": self.auto_separation,
             },
-            "n_samples": len(self.scores_),
-            "n_flagged": int(self.is_poison_.sum()),
-            "classes": [
-                {
-                    "class": c,
-                    "samples": int(self.counts_[c]),
-                    "flagged": int(flagged[c]),
-                    "n_components": int(self.n_components_[c]),
-                    "threshold": float(self.threshold_[c]) if np.isfinite(self.threshold_[c]) else None,
-                }
-                for c in range(g)
-            ],
-            "skipped_classes": self.skipped_classes_,
-            "seconds": self.seconds_,
-        }
+            {"n_components": self.n_components_} if hasattr(self, "n_components_") else None,
+        )
