@@ -30,6 +30,29 @@ class Projected:
     eigenvalues: np.ndarray  # [G, K]
     n_components: np.ndarray  # [G] usable directions per class
     proj: np.ndarray  # [N, K] compute type: (x - mean[class]) @ directions[class]; memory or a temporary memmap
+    order: np.ndarray  # [N] samples sorted by class (stable); class c is order[bounds[c]:bounds[c + 1]]
+    bounds: np.ndarray  # [G + 1]
+    class_sorted: bool  # proj row i holds sample order[i] (disk-backed: each class is one contiguous block)
+
+    def columns(self, k: int) -> np.ndarray:
+        """The first ``k`` projections of every sample, ``[N, k]`` float64, in sample order."""
+        out = read_columns(self.proj, k)
+        if not self.class_sorted:
+            return out
+        res = np.empty_like(out)
+        res[self.order] = out
+        return res
+
+    def class_block(self, c: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(sample indices [n_c], their first k projections [n_c, k] float64)`` for class ``c``."""
+        b0, b1 = int(self.bounds[c]), int(self.bounds[c + 1])
+        idx = self.order[b0:b1]
+        if self.class_sorted:
+            block = np.asarray(self.proj[b0:b1, :k], dtype=np.float64)
+            if isinstance(self.proj, np.memmap):
+                _PageReleaser(self.proj).release(self.proj[b0:b1])
+            return idx, block
+        return idx, read_columns(self.proj, k, idx)
 
 
 def project_by_class(
@@ -66,22 +89,37 @@ def project_by_class(
         eigenvalues[c, : k_c[c]], directions[c, :, : k_c[c]] = top_eigh(cov[c], int(k_c[c]))
     del cov
 
+    order = np.argsort(y, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(counts)])
     proj = None
+    class_sorted = False
+    dest = None
     centre = np.nan_to_num(means)
     bar = Progress(n, progress, "pass 2/2 projections", unit="row")
     for x, off in passes():
-        p, _, _ = project_scores(x, y[off : off + x.shape[0]], centre, directions)
+        m = x.shape[0]
+        p, _, _ = project_scores(x, y[off : off + m], centre, directions)
         p = p.numpy() if hasattr(p, "numpy") else p
         if proj is None:  # the kernels' compute type: float64 for float64 input, float32 otherwise
             proj = _allocate(n, k, p.dtype)
-            pages = _PageReleaser(proj)
-        proj[off : off + x.shape[0]] = p
-        pages.release(proj[off : off + x.shape[0]])  # written pages leave this process (kept by the OS cache)
-        bar.update(x.shape[0])
+            class_sorted = isinstance(proj, np.memmap)
+            if class_sorted:
+                # On disk, rows go to their class's block, so that the per-class stage reads each class as one
+                # contiguous run instead of pages scattered over the whole file.
+                dest = np.empty(n, dtype=np.int64)
+                dest[order] = np.arange(n)
+                pages = _PageReleaser(proj)
+        if class_sorted:
+            proj[dest[off : off + m]] = p
+            pages.release(proj[:])  # written pages leave this process (the OS cache keeps them)
+        else:
+            proj[off : off + m] = p
+        bar.update(m)
     bar.close()
+    del dest
     if proj is None:
         proj = np.empty((n, k), dtype=np.float32)
-    return Projected(y, g, counts, means, directions, eigenvalues, k_c, proj)
+    return Projected(y, g, counts, means, directions, eigenvalues, k_c, proj, order, bounds, class_sorted)
 
 
 def read_columns(proj: np.ndarray, k: int, rows: np.ndarray | None = None, chunk: int = 1 << 16) -> np.ndarray:

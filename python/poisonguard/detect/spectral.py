@@ -9,7 +9,7 @@ import numpy as np
 
 from ..ops.covariance import _as_int
 from ._base import detector_report, flag_top_fraction, mixture_flags
-from ._twopass import Projected, project_by_class, read_columns
+from ._twopass import Projected, project_by_class
 
 _PRESETS = ("paper", "art")
 
@@ -86,7 +86,7 @@ class SpectralSignature:
     def _fit_projected(self, pr: Projected) -> None:
         """Scores and flags from the shared two-pass result (its first ``n_components`` directions)."""
         k, y, g = self.n_components, pr.labels, pr.n_classes
-        p = read_columns(pr.proj, k)
+        p = pr.columns(k)
         if self.preset == "art":
             # ART projects the uncentred sample: v·x = v·(x − μ) + v·μ.
             offset = np.einsum("gd,gdk->gk", np.nan_to_num(pr.means), pr.directions[:, :, :k])

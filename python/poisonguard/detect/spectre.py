@@ -12,7 +12,7 @@ from scipy.linalg import expm
 from .. import _core
 from ..ops.covariance import _as_int
 from ._base import detector_report, flag_top_fraction, iter_chunks, mixture_flags
-from ._twopass import Projected, project_by_class, read_columns
+from ._twopass import Projected, project_by_class
 
 
 def _n_features(source: Any) -> int:
@@ -134,12 +134,9 @@ class Spectre:
         auto = self.expected_poison_fraction == "auto"
         trim = 0.4 if auto else min(0.5, self.eps_multiplier * float(self.expected_poison_fraction))
         scores = np.zeros(n)
-        order = np.argsort(y, kind="stable")
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(y, minlength=g))])
         small = k_c < 2
         for c in np.flatnonzero(~small):
-            idx = order[bounds[c] : bounds[c + 1]]
-            pc = read_columns(pr.proj, int(k_c[c]), idx)
+            idx, pc = pr.class_block(int(c), int(k_c[c]))
             mu, sigma, _ = robust_mean_cov(pc, trim)
             w, v = _core.eigh_top(np.ascontiguousarray((sigma + sigma.T) / 2), sigma.shape[0])
             keep = w > 1e-10 * max(float(w.max()), 1e-300)
