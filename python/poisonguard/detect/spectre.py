@@ -32,9 +32,15 @@ def _cov_and_inverse(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return mu, c, inv
 
 
-def robust_mean_cov(p: np.ndarray, trim: float, iters: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def robust_mean_cov(
+    p: np.ndarray, trim: float, iters: int = 20, max_rows: int = 20000
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean and covariance of ``p`` ``[n, k]`` after iteratively dropping the ``trim`` share of rows with the largest
-    Mahalanobis distance (a concentration step, as in MCD). Returns ``(mean [k], cov [k, k], kept [n] bool)``."""
+    Mahalanobis distance (a concentration step, as in MCD). Classes larger than ``max_rows`` are estimated on
+    ``max_rows`` evenly spaced rows (a k-dimensional mean and covariance need no more; it bounds the cost per class).
+    Returns ``(mean [k], cov [k, k], kept [rows used] bool)``."""
+    if len(p) > max_rows:
+        p = p[np.linspace(0, len(p) - 1, max_rows).astype(np.int64)]
     n, k = p.shape
     p = np.ascontiguousarray(p, dtype=np.float64)
     n_keep = min(n, max(k + 1, int(np.ceil((1.0 - trim) * n))))
