@@ -62,7 +62,8 @@ def que_scores(z: np.ndarray, alpha: float) -> np.ndarray:
     """QUE scores of whitened rows ``z`` ``[n, k]``: ``τ_i = z_iᵀ Q z_i`` with ``Q = expm(α (S − I) / ‖S − I‖₂)``
     normalised to unit trace, ``S = zᵀz / n`` — the **matrix** exponential (not an element-wise one)."""
     n, k = z.shape
-    s = z.T @ z / max(n, 1)
+    z = np.ascontiguousarray(z, dtype=np.float64)
+    s = _core.matmul(np.ascontiguousarray(z.T), z) / max(n, 1)
     m = s - np.eye(k)
     norm = np.linalg.norm(m, 2)
     if not np.isfinite(norm) or norm <= 1e-12:
@@ -70,7 +71,7 @@ def que_scores(z: np.ndarray, alpha: float) -> np.ndarray:
     else:
         q = expm(alpha * m / norm)
         q /= np.trace(q)
-    return np.einsum("ij,ij->i", z @ q, z)
+    return np.einsum("ij,ij->i", _core.matmul(z, np.ascontiguousarray(q)), z)
 
 
 class Spectre:
@@ -146,7 +147,7 @@ class Spectre:
             mu, sigma, _ = robust_mean_cov(pc, trim)
             w, v = _core.eigh_top(np.ascontiguousarray((sigma + sigma.T) / 2), sigma.shape[0])
             keep = w > 1e-10 * max(float(w.max()), 1e-300)
-            z = (pc - mu) @ (v[:, keep] / np.sqrt(w[keep]))
+            z = _core.matmul(np.ascontiguousarray(pc - mu), np.ascontiguousarray(v[:, keep] / np.sqrt(w[keep])))
             scores[idx] = que_scores(z, self.alpha)
         counts = pr.counts
         means = pr.means
