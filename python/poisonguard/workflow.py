@@ -151,11 +151,9 @@ def scan(
     if "spectre" in methods:
         detectors["spectre"] = Spectre(expected_poison_fraction, chunk_rows=chunk_rows, **(spectre or {}))
     _consensus({m: np.zeros(1, dtype=bool) for m in methods}, consensus)  # validate before reading anything
-    from .detect._base import iter_chunks
-
-    n_features = iter_chunks(source, 1)[1]
-    k = min(max(det.n_components for det in detectors.values()), n_features)
-    projected = project_by_class(source, labels, n_classes, k, chunk_rows, progress=progress)
+    k = max(det.n_components for det in detectors.values())
+    projected = project_by_class(source, labels, n_classes, k, chunk_rows, progress=progress, clamp=True)
+    n_features, k = projected.directions.shape[1:]
     for det in detectors.values():
         det._fit_projected(projected)
 

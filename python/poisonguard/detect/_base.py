@@ -66,26 +66,6 @@ def flag_top_fraction(scores: np.ndarray, labels: np.ndarray, n_classes: int, fr
     return is_poison, threshold
 
 
-def robust_threshold(values: np.ndarray, labels: np.ndarray, n_classes: int, z: float) -> tuple:
-    """Per class, flags values more than ``z`` robust standard deviations (1.4826·MAD) above the class median.
-
-    Returns ``(is_poison [n] bool, threshold [G] float64, median [G], scale [G])``.
-    """
-    median = np.full(n_classes, np.nan)
-    scale = np.full(n_classes, np.nan)
-    order = np.argsort(labels, kind="stable")
-    counts = np.bincount(labels, minlength=n_classes)
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    for c in np.flatnonzero(counts):
-        v = values[order[bounds[c] : bounds[c + 1]]]
-        med = np.median(v)
-        mad = np.median(np.abs(v - med)) * 1.4826
-        median[c], scale[c] = med, mad
-    threshold = median + z * np.where(scale > 0, scale, np.inf)
-    threshold = np.where(np.isnan(threshold), np.inf, threshold)
-    return values > threshold[labels], threshold, median, scale
-
-
 def _two_gaussians(v: np.ndarray, iters: int = 100, max_points: int = 4000) -> tuple:
     """EM for a 1-D mixture of two Gaussians, deterministic start at the quartiles; fitted on at most ``max_points``
     evenly spaced order statistics of ``v`` (the fit of a 1-D density needs no more). Returns (weights, means, sds).

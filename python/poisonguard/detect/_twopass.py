@@ -56,11 +56,17 @@ class Projected:
 
 
 def project_by_class(
-    source: Any, labels: Any, n_classes: int | None, k: int, chunk_rows: int, progress: bool = False
+    source: Any,
+    labels: Any,
+    n_classes: int | None,
+    k: int,
+    chunk_rows: int,
+    progress: bool = False,
+    clamp: bool = False,
 ) -> Projected:
     """Pass 1: streaming per-class covariance. Between: the top-``k`` directions of each class (``top_eigh``). Pass 2:
     the fused centre-project kernel, projections stored ``[N, k]`` in the compute type (in a temporary file when
-    larger than 256 MB)."""
+    larger than 256 MB). With ``clamp``, ``k`` is capped at the number of features instead of rejected."""
     n, d, passes = iter_chunks(source, chunk_rows)
     y = read_labels(labels, n)
     if n_classes is None:
@@ -71,7 +77,9 @@ def project_by_class(
             raise ValueError(f"n_classes must be >= 1, got {n_classes}")
     if n and y.max() >= g:
         raise ValueError(f"labels go up to {int(y.max())} but n_classes={g}")
-    if k > d:
+    if clamp:
+        k = min(k, d)
+    elif k > d:
         raise ValueError(f"n_components={k} exceeds the number of features {d}")
 
     acc = StreamingCovariance(d, g)

@@ -85,7 +85,7 @@ class SpectralSignature:
 
     def _fit_projected(self, pr: Projected) -> None:
         """Scores and flags from the shared two-pass result (its first ``n_components`` directions)."""
-        k, y, g = self.n_components, pr.labels, pr.n_classes
+        k, y = self.n_components, pr.labels
         p = pr.columns(k)
         if self.preset == "art":
             # ART projects the uncentred sample: v·x = v·(x − μ) + v·μ.
@@ -98,7 +98,7 @@ class SpectralSignature:
         else:
             scores = (p**2).sum(axis=1)
         small = pr.counts < 2
-        self._flag(scores, y, g)
+        self._flag(scores, pr)
         self.is_poison_[small[y]] = False
         self.threshold_[small] = np.inf
         self.scores_ = scores
@@ -109,7 +109,8 @@ class SpectralSignature:
         self.skipped_classes_ = [int(c) for c in np.flatnonzero(small & (pr.counts > 0))]
         self.seconds_ = 0.0
 
-    def _flag(self, scores: np.ndarray, y: np.ndarray, g: int) -> None:
+    def _flag(self, scores: np.ndarray, pr: Projected) -> None:
+        y, g = pr.labels, pr.n_classes
         if self.expected_poison_fraction == "auto":
             flags, llr, self.separation_, self.share_ = mixture_flags(scores, y, g, self.auto_separation, "minor")
             scores[:] = llr  # log-likelihood ratio, suspicious mode vs the other (higher = more suspicious)
@@ -117,12 +118,9 @@ class SpectralSignature:
             self.threshold_ = np.where((self.separation_ >= self.auto_separation) & (self.share_ < 0.5), 0.0, np.inf)
         elif self.preset == "art":
             q = max(1.0 - self.eps_multiplier * float(self.expected_poison_fraction), 0.0)
-            counts = np.bincount(y, minlength=g)
-            order = np.argsort(y, kind="stable")
-            bounds = np.concatenate([[0], np.cumsum(counts)])
             self.threshold_ = np.full(g, np.inf)
-            for c in np.flatnonzero(counts):
-                self.threshold_[c] = np.quantile(scores[order[bounds[c] : bounds[c + 1]]], q)
+            for c in np.flatnonzero(pr.counts):
+                self.threshold_[c] = np.quantile(scores[pr.order[pr.bounds[c] : pr.bounds[c + 1]]], q)
             self.is_poison_ = scores >= self.threshold_[y]
         else:
             frac = min(1.0, self.eps_multiplier * float(self.expected_poison_fraction))

@@ -11,12 +11,8 @@ from scipy.linalg import expm
 
 from .. import _core
 from ..ops.covariance import _as_int
-from ._base import detector_report, flag_top_fraction, iter_chunks, mixture_flags
+from ._base import detector_report, flag_top_fraction, mixture_flags
 from ._twopass import Projected, project_by_class
-
-
-def _n_features(source: Any) -> int:
-    return iter_chunks(source, 1)[1]
 
 
 def _cov_and_inverse(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -127,8 +123,7 @@ class Spectre:
         """Two passes over ``source`` (activations ``[N, d]``), then per-class robust statistics on the ``[n_c, k]``
         projections. Returns ``self``."""
         t0 = time.perf_counter()
-        n_features = _n_features(source)
-        projected = project_by_class(source, labels, n_classes, min(self.n_components, n_features), self.chunk_rows)
+        projected = project_by_class(source, labels, n_classes, self.n_components, self.chunk_rows, clamp=True)
         self._fit_projected(projected)
         self.seconds_ = time.perf_counter() - t0
         return self
