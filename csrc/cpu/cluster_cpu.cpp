@@ -1,0 +1,2 @@
+// CPU kernels of the cluster op.
+namespace pg {}  // namespace pg

@@ -1,0 +1,2 @@
+// CPU kernels of the gradnorm op.
+namespace pg {}  // namespace pg

@@ -1,0 +1,2 @@
+// CPU kernels of the trim op.
+namespace pg {}  // namespace pg

@@ -1,0 +1,2 @@
+// CUDA kernels of the gradnorm op.
+namespace pg {}  // namespace pg

@@ -1,0 +1,2 @@
+// CUDA kernels of the projection op.
+namespace pg {}  // namespace pg

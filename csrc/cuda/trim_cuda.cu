@@ -1,0 +1,2 @@
+// CUDA kernels of the trim op.
+namespace pg {}  // namespace pg
