@@ -201,6 +201,37 @@ PYBIND11_MODULE(_core, m) {
       "(proj [n, k] or None, score [n] = |proj|^2, que [n] or None) for proj = (x - means[g]) @ directions[g].");
 
   m.def(
+      "segmented_power_pass",
+      [](const py::array& x, const py::object& groups, const py::array& shift, const py::array& q, py::array z,
+         py::array sums, py::array counts, bool bf16) {
+        MatrixView v = host_matrix(x, bf16, "x");
+        PG_CHECK(shift.ndim() == 2 && shift.shape(1) == v.cols, "shift must be [G, ", v.cols, "]");
+        const int64_t G = shift.shape(0);
+        PG_CHECK_TYPE(shift.dtype().is(py::dtype::of<double>()) && (shift.flags() & py::array::c_style),
+                      "shift must be C-contiguous float64");
+        PG_CHECK(q.ndim() == 3 && q.shape(0) == G && q.shape(1) == v.cols && q.shape(2) >= 1, "q must be [", G, ", ",
+                 v.cols, ", l]");
+        const int64_t l = q.shape(2);
+        const bool f64 = v.dtype == DType::float64;
+        PG_CHECK_TYPE(
+            q.dtype().is(f64 ? py::dtype::of<double>() : py::dtype::of<float>()) && (q.flags() & py::array::c_style),
+            "q must be C-contiguous ", f64 ? "float64" : "float32", " for this input");
+        double* zp = mutable_data<double>(z, "z", {G, v.cols, l});
+        double* sp = mutable_data<double>(sums, "sums", {G, v.cols});
+        int64_t* cp = mutable_data<int64_t>(counts, "counts", {G});
+        py::array keep;
+        const int64_t* g = host_groups(groups, v.rows, keep);
+        const double* shp = static_cast<const double*>(shift.data());
+        const void* qp = q.data();
+        py::gil_scoped_release nogil;
+        pg::segmented_power_pass_cpu(v, g, G, shp, qp, l, zp, sp, cp);
+      },
+      py::arg("x"), py::arg("groups"), py::arg("shift"), py::arg("q"), py::arg("z"), py::arg("sums"), py::arg("counts"),
+      py::arg("bf16") = false,
+      "Accumulates, per class g, z[g] += U^T (U q[g]), sums[g] += sum of U, counts[g] += rows, for U = the rows of "
+      "class g minus shift[g].");
+
+  m.def(
       "gram",
       [](const py::array& a, bool bf16) {
         MatrixView v = host_matrix(a, bf16, "a");

@@ -21,4 +21,18 @@ void project_scores_cpu(const MatrixView& x,    // [n, d]
                         const double* que,      // [G, k, k] or nullptr
                         double* que_score);     // [n] or nullptr
 
+/// One class-segmented, shifted pass of subspace iteration, reading x once. For each row r of class g = groups[r]:
+/// u = x_r − shift_g (in fp64, stored in the compute type); then, per class, z_g += Uᵀ (U Q_g) with U the class's
+/// rows u (blocks multiplied in the compute type, summed in fp64), sums_g += Σ u (fp64) and counts_g += n_g.
+/// Accumulates into z, sums and counts (the caller zeroes them before the first chunk of a pass).
+void segmented_power_pass_cpu(const MatrixView& x,    // [n, d]
+                              const int64_t* groups,  // [n] or nullptr (all rows in class 0)
+                              int64_t n_groups,       //
+                              const double* shift,    // [G, d]
+                              const void* q,          // [G, d, l], compute type
+                              int64_t l,              //
+                              double* z,              // [G, d, l]
+                              double* sums,           // [G, d]
+                              int64_t* counts);       // [G]
+
 }  // namespace pg

@@ -55,6 +55,16 @@ def project_scores(
     que: npt.NDArray[np.float64] | None = None,
     bf16: bool = False,
 ) -> tuple[npt.NDArray[Any] | None, npt.NDArray[np.float64], npt.NDArray[np.float64] | None]: ...
+def segmented_power_pass(
+    x: npt.NDArray[Any],
+    groups: npt.NDArray[np.int64] | None,
+    shift: npt.NDArray[np.float64],
+    q: npt.NDArray[Any],
+    z: npt.NDArray[np.float64],
+    sums: npt.NDArray[np.float64],
+    counts: npt.NDArray[np.int64],
+    bf16: bool = False,
+) -> None: ...
 def gram(a: npt.NDArray[Any], bf16: bool = False) -> npt.NDArray[np.float64]: ...
 def power_pass(a: npt.NDArray[Any], q: npt.NDArray[Any], bf16: bool = False) -> npt.NDArray[np.float64]: ...
 def project(

@@ -54,6 +54,24 @@ def _project_scores(x, groups, means, directions, que=None):
     return proj, score, qs
 
 
+def _segmented_power_pass(x, groups, shift, q):
+    """float64 reference of ``ops.segmented_power_pass`` from zero state: ``(z [G, d, l], sums [G, d], counts [G])``."""
+    x = _to_float64(x)
+    shift = np.asarray(shift, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    g_count = shift.shape[0]
+    groups = np.zeros(x.shape[0], dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+    z = np.zeros(q.shape)
+    sums = np.zeros(shift.shape)
+    counts = np.zeros(g_count, dtype=np.int64)
+    for g in range(g_count):
+        u = x[groups == g] - shift[g]
+        z[g] = u.T @ (u @ q[g])
+        sums[g] = u.sum(axis=0)
+        counts[g] = u.shape[0]
+    return z, sums, counts
+
+
 def _gram(a) -> np.ndarray:
     a = _to_float64(a)
     return a.T @ a

@@ -132,13 +132,18 @@ def scan(
     spectral: dict | None = None,
     spectre: dict | None = None,
     progress: bool = False,
+    solver: str = "auto",
+    memory_budget: int | None = None,
 ) -> ScanResult:
     """Scans activations ``[N, d]`` (array, tensor, ``.npy`` path or shard folder) with integer ``labels`` ``[N]``.
 
     All methods share two passes over the source: per-class statistics, then the projections on each class's top
     directions (as many as the most demanding method needs). ``spectral`` / ``spectre`` take extra keyword
     arguments for :class:`SpectralSignature` / :class:`Spectre`. ``consensus``: ``"any"``, ``"all"`` or a number of
-    votes.
+    votes. ``solver`` / ``memory_budget``: how the per-class directions are found (see
+    :func:`poisonguard.detect._twopass.project_by_class`: the exact covariance route when its ``20·G·d²`` bytes fit
+    the budget, default 2 GiB, else streamed subspace iteration); ``meta["solver"]`` says which ran and how many
+    passes it took.
     """
     methods = list(dict.fromkeys(methods))
     unknown = [m for m in methods if m not in METHODS]
@@ -152,7 +157,17 @@ def scan(
         detectors["spectre"] = Spectre(expected_poison_fraction, chunk_rows=chunk_rows, **(spectre or {}))
     _consensus({m: np.zeros(1, dtype=bool) for m in methods}, consensus)  # validate before reading anything
     k = max(det.n_components for det in detectors.values())
-    projected = project_by_class(source, labels, n_classes, k, chunk_rows, progress=progress, clamp=True)
+    projected = project_by_class(
+        source,
+        labels,
+        n_classes,
+        k,
+        chunk_rows,
+        progress=progress,
+        clamp=True,
+        solver=solver,
+        memory_budget=memory_budget,
+    )
     n_features, k = projected.directions.shape[1:]
     for det in detectors.values():
         det._fit_projected(projected)
@@ -195,7 +210,12 @@ def scan(
         reports={m: det.report() for m, det in detectors.items()},
         consensus=str(consensus),
         seconds=time.perf_counter() - t0,
-        meta={"n_features": int(n_features), "n_classes": int(g), "n_components": int(k)},
+        meta={
+            "n_features": int(n_features),
+            "n_classes": int(g),
+            "n_components": int(k),
+            "solver": projected.solver_info(),
+        },
     )
 
 

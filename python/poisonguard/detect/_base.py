@@ -9,6 +9,9 @@ import numpy as np
 
 from .._interop import as_index_array, host_matrix, is_torch_tensor
 
+# A chunk's rows are capped so that it holds at most this many bytes in float32.
+_MAX_CHUNK_BYTES = 256 * 2**20
+
 
 def iter_chunks(source: Any, chunk_rows: int) -> tuple[int, int, Any]:
     """``(n_rows, n_features, make_iterator)`` for any source ``poisonguard.sources`` accepts; each call of
@@ -17,6 +20,9 @@ def iter_chunks(source: Any, chunk_rows: int) -> tuple[int, int, Any]:
 
     if hasattr(sources, "as_source"):
         src = sources.as_source(source, chunk_rows=chunk_rows)
+        cap = max(1, _MAX_CHUNK_BYTES // max(1, 4 * src.n_features))
+        if chunk_rows > cap:  # wide rows: fewer per chunk, so a chunk stays near 256 MB in the compute type
+            src = sources.as_source(source, chunk_rows=cap)
         return src.n_rows, src.n_features, src.chunks
     if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
         source = sources.open_npy(source)
@@ -152,5 +158,6 @@ def detector_report(det: Any, method: str, params: dict, per_class: dict[str, np
             for c in range(g)
         ],
         "skipped_classes": det.skipped_classes_,
+        "solver": getattr(det, "solver_", None),
         "seconds": det.seconds_,
     }

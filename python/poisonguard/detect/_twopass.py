@@ -9,13 +9,17 @@ from typing import Any
 
 import numpy as np
 
+from .. import _core
 from .._progress import Progress
-from ..ops import StreamingCovariance, project_scores, top_eigh
+from ..ops import StreamingCovariance, project_scores, segmented_power_pass, top_eigh
 from ..sources.arrays import _PageReleaser
 from ._base import iter_chunks, read_labels
 
 # Projections larger than this go to a temporary file instead of memory.
 _IN_MEMORY_BYTES = 256 * 2**20
+# Default memory budget of the per-class statistics (the covariance route needs about 20 bytes per G·d² entry).
+DEFAULT_MEMORY_BUDGET = 2 * 2**30
+_SOLVERS = ("auto", "covariance", "subspace")
 
 
 @dataclass
@@ -33,6 +37,13 @@ class Projected:
     order: np.ndarray  # [N] samples sorted by class (stable); class c is order[bounds[c]:bounds[c + 1]]
     bounds: np.ndarray  # [G + 1]
     class_sorted: bool  # proj row i holds sample order[i] (disk-backed: each class is one contiguous block)
+    solver: str = "covariance"  # how the directions were found: "covariance" or "subspace"
+    passes: int = 2  # reads of the source in total
+    residual: float = 0.0  # subspace route: largest relative Ritz residual of the directions kept (0 = exact)
+
+    def solver_info(self) -> dict:
+        """How the directions were found, for reports."""
+        return {"solver": self.solver, "passes": int(self.passes), "residual": float(self.residual)}
 
     def columns(self, k: int) -> np.ndarray:
         """The first ``k`` projections of every sample, ``[N, k]`` float64, in sample order."""
@@ -63,10 +74,25 @@ def project_by_class(
     chunk_rows: int,
     progress: bool = False,
     clamp: bool = False,
+    solver: str = "auto",
+    memory_budget: int | None = None,
+    seed: int = 0,
 ) -> Projected:
-    """Pass 1: streaming per-class covariance. Between: the top-``k`` directions of each class (``top_eigh``). Pass 2:
-    the fused centre-project kernel, projections stored ``[N, k]`` in the compute type (in a temporary file when
-    larger than 256 MB). With ``clamp``, ``k`` is capped at the number of features instead of rejected."""
+    """The per-class top-``k`` directions, then the fused centre-project pass; projections stored ``[N, k]`` in the
+    compute type (in a temporary file when larger than 256 MB). With ``clamp``, ``k`` is capped at the number of
+    features instead of rejected.
+
+    ``solver="covariance"``: one pass of streaming per-class covariance, then ``top_eigh`` per class (exact; memory
+    about ``20·G·d²`` bytes). ``solver="subspace"``: streamed class-segmented subspace iteration, one fused
+    ``Uᵀ(U Q)`` pass per iteration until the top-``k`` Ritz values settle (relative change ≤ 1e-4) or their residuals
+    fall below 1e-3 (at most 8 passes; memory ``O(G·d·(k + 10))``). ``"auto"`` takes the covariance route when
+    it fits ``memory_budget`` bytes (default 2 GiB).
+    """
+    if solver not in _SOLVERS:
+        raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    if budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
     n, d, passes = iter_chunks(source, chunk_rows)
     y = read_labels(labels, n)
     if n_classes is None:
@@ -82,20 +108,17 @@ def project_by_class(
     elif k > d:
         raise ValueError(f"n_components={k} exceeds the number of features {d}")
 
-    acc = StreamingCovariance(d, g)
-    bar = Progress(n, progress, "pass 1/2 statistics", unit="row")
-    for x, off in passes():
-        acc.update(x, y[off : off + x.shape[0]])
-        bar.update(x.shape[0])
-    bar.close()
-    counts, means = acc.count, acc.mean
-    cov = acc.covariance(ddof=0)
-    k_c = np.minimum(k, np.maximum(counts - 1, 0))
-    directions = np.zeros((g, d, k))
-    eigenvalues = np.zeros((g, k))
-    for c in np.flatnonzero(k_c >= 1):
-        eigenvalues[c, : k_c[c]], directions[c, :, : k_c[c]] = top_eigh(cov[c], int(k_c[c]))
-    del cov
+    if solver == "auto":
+        solver = "covariance" if covariance_bytes(g, d) <= budget else "subspace"
+    residual = 0.0
+    if solver == "covariance":
+        counts, means, directions, eigenvalues, k_c = _covariance_directions(passes, y, n, g, d, k, progress)
+        n_passes = 2
+    else:
+        counts, means, directions, eigenvalues, k_c, n_passes, residual = _subspace_directions(
+            passes, y, n, g, d, k, progress, seed
+        )
+        n_passes += 1
 
     order = np.argsort(y, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(counts)])
@@ -103,7 +126,7 @@ def project_by_class(
     class_sorted = False
     dest = None
     centre = np.nan_to_num(means)
-    bar = Progress(n, progress, "pass 2/2 projections", unit="row")
+    bar = Progress(n, progress, f"pass {n_passes}/{n_passes} projections", unit="row")
     for x, off in passes():
         m = x.shape[0]
         p, _, _ = project_scores(x, y[off : off + m], centre, directions)
@@ -127,7 +150,118 @@ def project_by_class(
     del dest
     if proj is None:
         proj = np.empty((n, k), dtype=np.float32)
-    return Projected(y, g, counts, means, directions, eigenvalues, k_c, proj, order, bounds, class_sorted)
+    return Projected(
+        y, g, counts, means, directions, eigenvalues, k_c, proj, order, bounds, class_sorted, solver, n_passes, residual
+    )
+
+
+def covariance_bytes(n_classes: int, d: int) -> int:
+    """Memory of the covariance route's per-class state: fp64 moments, fp32 staging, the fp64 covariances."""
+    return 20 * int(n_classes) * int(d) ** 2
+
+
+def _covariance_directions(passes, y, n, g, d, k, progress):
+    acc = StreamingCovariance(d, g)
+    bar = Progress(n, progress, "pass 1/2 statistics", unit="row")
+    for x, off in passes():
+        acc.update(x, y[off : off + x.shape[0]])
+        bar.update(x.shape[0])
+    bar.close()
+    counts, means = acc.count, acc.mean
+    cov = acc.covariance(ddof=0)
+    del acc
+    k_c = np.minimum(k, np.maximum(counts - 1, 0))
+    directions = np.zeros((g, d, k))
+    eigenvalues = np.zeros((g, k))
+    for c in np.flatnonzero(k_c >= 1):
+        eigenvalues[c, : k_c[c]], directions[c, :, : k_c[c]] = top_eigh(cov[c], int(k_c[c]))
+    return counts, means, directions, eigenvalues, k_c
+
+
+# Subspace iteration: oversampling of the block, stopping tolerances on the relative Ritz residual and on the
+# relative change of the Ritz values between passes, pass limit.
+_OVERSAMPLE = 10
+_SUBSPACE_TOL = 1e-3
+_SUBSPACE_VALUE_TOL = 1e-4
+_SUBSPACE_MAX_PASSES = 8
+
+
+def _subspace_directions(passes, y, n, g, d, k, progress, seed):
+    """Top-``k`` eigenpairs of every class covariance without forming it: block subspace iteration, one streamed
+    class-segmented pass ``Z_c = C_c Q_c`` per iteration (rows shifted by the class mean, the first pass by the
+    class's first-chunk mean and corrected exactly), Rayleigh–Ritz on ``[Q_c, Z_c]`` after each pass, stop when every
+    class's top-``k`` relative residual ``‖C v − λ v‖ / λ₁`` is below the tolerance, or every class's top-``k`` Ritz
+    values moved by less than ``1e-4·λ₁`` (a flat top of the spectrum has no well-defined single direction, and any
+    vector of it with the top variance scores the same). Memory ``O(G·d·l)``."""
+    l = min(d, k + _OVERSAMPLE)
+    q = np.empty((g, d, l))
+    for c in range(g):
+        q[c] = _core.gaussian(seed * 1_000_003 + c, d, l)
+        _core.orthonormalize(q[c])
+    shift = np.zeros((g, d))
+    have_shift = np.zeros(g, dtype=bool)
+    counts = np.zeros(g, dtype=np.int64)
+    means = np.full((g, d), np.nan)
+    w_all = np.zeros((g, l))
+    u_all = np.zeros((g, l, l))
+    qc = None
+    residual = np.inf
+    n_pass = 0
+    while n_pass < _SUBSPACE_MAX_PASSES:
+        n_pass += 1
+        z = np.zeros((g, d, l))
+        sums = np.zeros((g, d))
+        counts = np.zeros(g, dtype=np.int64)
+        bar = Progress(n, progress, f"pass {n_pass} subspace iteration", unit="row")
+        for x, off in passes():
+            m = x.shape[0]
+            yy = y[off : off + m]
+            if qc is None:
+                qc = q.astype(np.float64 if np.dtype(x.dtype) == np.float64 else np.float32)
+            new = np.unique(yy[~have_shift[yy]])
+            for c in new:  # a class's first rows: shift by their mean (cancellation stays small in fp32)
+                shift[c] = np.asarray(x[yy == c], dtype=np.float64).mean(axis=0)
+                have_shift[c] = True
+            segmented_power_pass(x, yy, shift, qc, z, sums, counts)
+            bar.update(m)
+        bar.close()
+        if qc is None:  # empty source
+            break
+        residual = 0.0
+        w_prev = w_all.copy()
+        moved = 0.0
+        for c in np.flatnonzero(counts):
+            nc = counts[c]
+            qf = qc[c].astype(np.float64)
+            delta = sums[c] / nc  # class mean − shift
+            zc = (z[c] - nc * np.outer(delta, delta @ qf)) / nc  # C_c Q_c, C_c the ddof=0 covariance
+            means[c] = shift[c] + delta
+            b = qf.T @ zc
+            w, u = np.linalg.eigh((b + b.T) / 2)
+            w, u = w[::-1], u[:, ::-1]
+            w_all[c], u_all[c] = w, u
+            kc = int(min(k, max(nc - 1, 0)))
+            if kc and w[0] > 0:
+                zu = zc @ u[:, :kc]
+                r = np.linalg.norm(zu - (qf @ u[:, :kc]) * w[:kc], axis=0) / w[0]
+                residual = max(residual, float(r.max()))
+                moved = max(moved, float(np.abs(w[:kc] - w_prev[c, :kc]).max() / w[0]))
+            q[c] = zc @ u
+            _core.orthonormalize(q[c])
+        shift = np.where(counts[:, None] > 0, np.nan_to_num(means), shift)
+        settled = n_pass > 1 and moved <= _SUBSPACE_VALUE_TOL
+        if residual <= _SUBSPACE_TOL or settled or n_pass == _SUBSPACE_MAX_PASSES:
+            break  # the directions come from this pass's basis qc and its Ritz vectors
+        qc = q.astype(qc.dtype)
+    k_c = np.minimum(k, np.maximum(counts - 1, 0))
+    directions = np.zeros((g, d, k))
+    eigenvalues = np.zeros((g, k))
+    if qc is not None:
+        for c in np.flatnonzero(k_c >= 1):
+            kc = int(k_c[c])
+            directions[c, :, :kc] = qc[c].astype(np.float64) @ u_all[c][:, :kc]
+            eigenvalues[c, :kc] = np.maximum(w_all[c][:kc], 0.0)
+    return counts, means, directions, eigenvalues, k_c, n_pass, (0.0 if qc is None else residual)
 
 
 def read_columns(proj: np.ndarray, k: int, rows: np.ndarray | None = None, chunk: int = 1 << 16) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..ops.covariance import _as_int
 from ._base import detector_report, flag_top_fraction, mixture_flags
-from ._twopass import Projected, project_by_class
+from ._twopass import _SOLVERS, Projected, project_by_class
 
 _PRESETS = ("paper", "art")
 
@@ -36,12 +36,19 @@ class SpectralSignature:
         ``expected_pp_poison=0.33`` flags about half of every class).
     chunk_rows : int, default 16384
         Rows per chunk of the two passes over the source.
+    solver : ``"auto"``, ``"covariance"`` or ``"subspace"``
+        How each class's top directions are found. ``"covariance"``: exact, from the streamed per-class covariance
+        (about ``20·G·d²`` bytes). ``"subspace"``: streamed class-segmented subspace iteration, one more read of the
+        source per iteration (usually 3-8), memory ``O(G·d·(k + 10))``. ``"auto"`` takes the covariance route when
+        it fits ``memory_budget``. ``solver_`` says which ran, the passes and the final Ritz residual.
+    memory_budget : int bytes, default None (2 GiB)
     auto_separation : float, default 2.5
         Ashman's D above which the ``"auto"`` rule calls two modes separated.
 
     Attributes after :meth:`fit`: ``scores_ [N]`` (higher = more suspicious), ``is_poison_ [N]`` bool,
     ``threshold_ [G]``, ``directions_ [G, d, k]``, ``means_ [G, d]``, ``counts_ [G]``, ``skipped_classes_``.
-    Memory: ``O(chunk · d + G · d²)``; the source is read twice.
+    Memory: ``O(chunk · d + G · d²)`` and two reads of the source, or ``O(chunk · d + G · d · k)`` and a few more
+    reads on the subspace route.
     """
 
     def __init__(
@@ -52,6 +59,8 @@ class SpectralSignature:
         n_components: int = 1,
         preset: str = "paper",
         chunk_rows: int = 16384,
+        solver: str = "auto",
+        memory_budget: int | None = None,
         auto_separation: float = 2.5,
     ) -> None:
         if preset not in _PRESETS:
@@ -72,13 +81,28 @@ class SpectralSignature:
         self.n_components = _as_int(n_components, "n_components", 1)
         self.preset = preset
         self.chunk_rows = _as_int(chunk_rows, "chunk_rows", 1)
+        if solver not in _SOLVERS:
+            raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+        if memory_budget is not None and not int(memory_budget) > 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+        self.solver = solver
+        self.memory_budget = memory_budget
         self.auto_separation = float(auto_separation)
 
     def fit(self, source: Any, labels: Any, *, n_classes: int | None = None) -> SpectralSignature:
         """Two passes over ``source`` (activations ``[N, d]``: array, tensor, ``.npy`` path or shard folder):
         per-class statistics, then scores. ``labels`` ``[N]`` integer classes. Returns ``self``."""
         t0 = time.perf_counter()
-        projected = project_by_class(source, labels, n_classes, self.n_components, self.chunk_rows)
+        projected = project_by_class(
+            source,
+            labels,
+            n_classes,
+            self.n_components,
+            self.chunk_rows,
+            clamp=False,
+            solver=self.solver,
+            memory_budget=self.memory_budget,
+        )
         self._fit_projected(projected)
         self.seconds_ = time.perf_counter() - t0
         return self
@@ -107,6 +131,7 @@ class SpectralSignature:
         self.means_ = pr.means
         self.directions_ = pr.directions[:, :, :k]
         self.skipped_classes_ = [int(c) for c in np.flatnonzero(small & (pr.counts > 0))]
+        self.solver_ = pr.solver_info()
         self.seconds_ = 0.0
 
     def _flag(self, scores: np.ndarray, pr: Projected) -> None:

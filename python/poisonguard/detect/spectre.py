@@ -12,7 +12,7 @@ from scipy.linalg import expm
 from .. import _core
 from ..ops.covariance import _as_int
 from ._base import detector_report, flag_top_fraction, mixture_flags
-from ._twopass import Projected, project_by_class
+from ._twopass import _SOLVERS, Projected, project_by_class
 
 
 def _cov_and_inverse(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -87,9 +87,12 @@ class Spectre:
         PCA dimensions per class (capped at ``d`` and the class size − 1).
     alpha : float, default 4.0
         QUE's exponent scale (the paper's α).
+    chunk_rows, solver, memory_budget, auto_separation
+        As :class:`SpectralSignature` (``auto_separation`` default 4.0 here).
 
     Attributes after :meth:`fit`: as :class:`SpectralSignature` (``scores_`` are QUE scores), plus
-    ``n_components_ [G]``. Two passes over the source; the ``[N, k]`` projections are kept in memory (float32).
+    ``n_components_ [G]``. Two passes over the source (more on the subspace route); the ``[N, k]`` projections are
+    kept in memory (float32), or in a temporary file above 256 MB.
     """
 
     def __init__(
@@ -100,6 +103,8 @@ class Spectre:
         n_components: int = 32,
         alpha: float = 4.0,
         chunk_rows: int = 16384,
+        solver: str = "auto",
+        memory_budget: int | None = None,
         auto_separation: float = 4.0,
     ) -> None:
         if expected_poison_fraction != "auto" and (
@@ -117,13 +122,28 @@ class Spectre:
         self.n_components = _as_int(n_components, "n_components", 1)
         self.alpha = float(alpha)
         self.chunk_rows = _as_int(chunk_rows, "chunk_rows", 1)
+        if solver not in _SOLVERS:
+            raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+        if memory_budget is not None and not int(memory_budget) > 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+        self.solver = solver
+        self.memory_budget = memory_budget
         self.auto_separation = float(auto_separation)
 
     def fit(self, source: Any, labels: Any, *, n_classes: int | None = None) -> Spectre:
         """Two passes over ``source`` (activations ``[N, d]``), then per-class robust statistics on the ``[n_c, k]``
         projections. Returns ``self``."""
         t0 = time.perf_counter()
-        projected = project_by_class(source, labels, n_classes, self.n_components, self.chunk_rows, clamp=True)
+        projected = project_by_class(
+            source,
+            labels,
+            n_classes,
+            self.n_components,
+            self.chunk_rows,
+            clamp=True,
+            solver=self.solver,
+            memory_budget=self.memory_budget,
+        )
         self._fit_projected(projected)
         self.seconds_ = time.perf_counter() - t0
         return self
@@ -170,6 +190,7 @@ class Spectre:
         self.directions_ = directions
         self.n_components_ = k_c
         self.skipped_classes_ = [int(c) for c in np.flatnonzero(small & (counts > 0))]
+        self.solver_ = pr.solver_info()
         self.seconds_ = 0.0
 
     def report(self) -> dict:

@@ -1,7 +1,7 @@
 """Array-level operations: validation and dispatch to the C++/CUDA kernels, no detection policy."""
 
 from .covariance import StreamingCovariance
-from .projection import project_scores
+from .projection import project_scores, segmented_power_pass
 from .svd import randomized_svd, svd_method, top_eigh
 
-__all__ = ["StreamingCovariance", "project_scores", "randomized_svd", "svd_method", "top_eigh"]
+__all__ = ["StreamingCovariance", "project_scores", "randomized_svd", "segmented_power_pass", "svd_method", "top_eigh"]

@@ -75,4 +75,44 @@ def project_scores(
     return proj, score, qs
 
 
-__all__ = ["project_scores"]
+def segmented_power_pass(
+    x: Any,
+    groups: Any,
+    shift: np.ndarray,
+    q: np.ndarray,
+    z: np.ndarray,
+    sums: np.ndarray,
+    counts: np.ndarray,
+) -> None:
+    """One chunk of a class-segmented subspace-iteration pass, reading ``x`` once: for every class ``g``,
+    ``z[g] += Uᵀ (U q[g])``, ``sums[g] += U.sum(0)`` and ``counts[g] += len(U)`` where ``U`` holds the rows of class
+    ``g`` minus ``shift[g]`` (the shift is taken in float64; products run in the compute type and are summed in
+    float64).
+
+    Parameters
+    ----------
+    x : ``[n, d]`` numpy array or torch CPU tensor, float16/bfloat16/float32/float64; read in place.
+    groups : ``[n]`` integer class ids in ``[0, G)``, or None (every row in class 0).
+    shift : ``[G, d]`` float64.
+    q : ``[G, d, l]`` in the compute type of ``x`` (float64 for float64 input, float32 otherwise), C-contiguous.
+    z, sums, counts : ``[G, d, l]`` float64, ``[G, d]`` float64, ``[G]`` int64 accumulators, updated in place.
+    """
+    arr, bf16 = host_matrix(x, "x")
+    n, d = arr.shape
+    shift = np.asarray(shift)
+    if shift.ndim != 2 or shift.shape[1] != d:
+        raise ValueError(f"shift must be [G, {d}], got shape {shift.shape}")
+    n_groups = shift.shape[0]
+    if groups is None and n_groups != 1 and n:
+        raise ValueError(f"groups is required when there are {n_groups} classes")
+    ids = None if groups is None else as_index_array(groups, n, n_groups)
+    q = np.asarray(q)
+    ct = compute_dtype(arr)
+    if q.dtype != ct:
+        raise TypeError(f"q must be {np.dtype(ct).name} for {arr.dtype} input, got {q.dtype}")
+    if q.ndim != 3 or q.shape[:2] != (n_groups, d) or q.shape[2] < 1:
+        raise ValueError(f"q must be [{n_groups}, {d}, l] with l >= 1, got shape {q.shape}")
+    _core.segmented_power_pass(arr, ids, np.ascontiguousarray(shift, dtype=np.float64), q, z, sums, counts, bf16)
+
+
+__all__ = ["project_scores", "segmented_power_pass"]
