@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from .._progress import Progress
 from ..ops import StreamingCovariance, project_scores, segmented_power_pass, top_eigh
 from ..sources.arrays import _PageReleaser
 from ._base import iter_chunks, read_labels
+
+_log = logging.getLogger("poisonguard")
 
 # Projections larger than this go to a temporary file instead of memory.
 _IN_MEMORY_BYTES = 256 * 2**20
@@ -84,9 +87,9 @@ def project_by_class(
 
     ``solver="covariance"``: one pass of streaming per-class covariance, then ``top_eigh`` per class (exact; memory
     about ``20·G·d²`` bytes). ``solver="subspace"``: streamed class-segmented subspace iteration, one fused
-    ``Uᵀ(U Q)`` pass per iteration until the top-``k`` Ritz values settle (relative change ≤ 1e-4) or their residuals
-    fall below 1e-3 (at most 8 passes; memory ``O(G·d·(k + 10))``). ``"auto"`` takes the covariance route when
-    it fits ``memory_budget`` bytes (default 2 GiB).
+    ``Uᵀ(U Q)`` pass per iteration until the variance the top-``k`` Ritz vectors capture settles (relative change
+    ≤ 1e-3) or their residuals fall below 1e-3 (at most 6 passes; memory ``O(G·d·(k + 10))``).
+    ``"auto"`` takes the covariance route when it fits ``memory_budget`` bytes (default 2 GiB).
     """
     if solver not in _SOLVERS:
         raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
@@ -182,42 +185,43 @@ def _covariance_directions(passes, y, n, g, d, k, progress):
 # relative change of the Ritz values between passes, pass limit.
 _OVERSAMPLE = 10
 _SUBSPACE_TOL = 1e-3
-_SUBSPACE_VALUE_TOL = 1e-4
-_SUBSPACE_MAX_PASSES = 8
+_SUBSPACE_VALUE_TOL = 1e-3
+_SUBSPACE_MAX_PASSES = 6
 
 
 def _subspace_directions(passes, y, n, g, d, k, progress, seed):
     """Top-``k`` eigenpairs of every class covariance without forming it: block subspace iteration, one streamed
     class-segmented pass ``Z_c = C_c Q_c`` per iteration (rows shifted by the class mean, the first pass by the
     class's first-chunk mean and corrected exactly), Rayleigh–Ritz on ``[Q_c, Z_c]`` after each pass, stop when every
-    class's top-``k`` relative residual ``‖C v − λ v‖ / λ₁`` is below the tolerance, or every class's top-``k`` Ritz
-    values moved by less than ``1e-4·λ₁`` (a flat top of the spectrum has no well-defined single direction, and any
-    vector of it with the top variance scores the same). Memory ``O(G·d·l)``."""
+    class's top-``k`` relative residual ``‖C v − λ v‖ / λ₁`` is below the tolerance, or the variance captured by
+    every class's top-``k`` Ritz vectors (the sum of their Ritz values) changed by less than 1e-3 relative: where
+    the spectrum is flat (a noise bulk) single directions are not defined and any basis of it captures the same
+    variance. Memory ``O(G·d·l)``."""
     l = min(d, k + _OVERSAMPLE)
-    q = np.empty((g, d, l))
-    for c in range(g):
-        q[c] = _core.gaussian(seed * 1_000_003 + c, d, l)
-        _core.orthonormalize(q[c])
     shift = np.zeros((g, d))
     have_shift = np.zeros(g, dtype=bool)
     counts = np.zeros(g, dtype=np.int64)
     means = np.full((g, d), np.nan)
     w_all = np.zeros((g, l))
     u_all = np.zeros((g, l, l))
+    z = np.empty((g, d, l))  # the starting basis, then each pass's accumulator, then the next basis
+    for c in range(g):
+        z[c] = _core.gaussian(seed * 1_000_003 + c, d, l)
+    _orthonormalize(z)
     qc = None
     residual = np.inf
     n_pass = 0
     while n_pass < _SUBSPACE_MAX_PASSES:
         n_pass += 1
-        z = np.zeros((g, d, l))
         sums = np.zeros((g, d))
         counts = np.zeros(g, dtype=np.int64)
         bar = Progress(n, progress, f"pass {n_pass} subspace iteration", unit="row")
         for x, off in passes():
             m = x.shape[0]
             yy = y[off : off + m]
-            if qc is None:
-                qc = q.astype(np.float64 if np.dtype(x.dtype) == np.float64 else np.float32)
+            if qc is None:  # the basis in the kernels' compute type
+                qc = z.astype(np.float64 if np.dtype(x.dtype) == np.float64 else np.float32)
+                z[:] = 0.0
             new = np.unique(yy[~have_shift[yy]])
             for c in new:  # a class's first rows: shift by their mean (cancellation stays small in fp32)
                 shift[c] = np.asarray(x[yy == c], dtype=np.float64).mean(axis=0)
@@ -227,32 +231,39 @@ def _subspace_directions(passes, y, n, g, d, k, progress, seed):
         bar.close()
         if qc is None:  # empty source
             break
-        residual = 0.0
         w_prev = w_all.copy()
-        moved = 0.0
+        residual, moved = 0.0, 0.0
+        # Between passes, per class, O(d·l²): through the package's single-threaded small products (a BLAS pool
+        # woken for each of these small calls costs more than the products on a busy machine).
         for c in np.flatnonzero(counts):
-            nc = counts[c]
-            qf = qc[c].astype(np.float64)
+            nc = float(counts[c])
+            qf = np.ascontiguousarray(qc[c], dtype=np.float64)
             delta = sums[c] / nc  # class mean − shift
-            zc = (z[c] - nc * np.outer(delta, delta @ qf)) / nc  # C_c Q_c, C_c the ddof=0 covariance
+            # C_c Q_c for the ddof=0 covariance: the shifted sums corrected by the mean's offset from the shift.
+            zc = z[c]
+            zc -= nc * np.outer(delta, _core.matmul(delta[None, :], qf)[0])
+            zc /= nc
             means[c] = shift[c] + delta
-            b = qf.T @ zc
-            w, u = np.linalg.eigh((b + b.T) / 2)
-            w, u = w[::-1], u[:, ::-1]
+            bmat = _core.matmul(np.ascontiguousarray(qf.T), zc)
+            w, u = _core.eigh_top(np.ascontiguousarray((bmat + bmat.T) / 2), l)
             w_all[c], u_all[c] = w, u
-            kc = int(min(k, max(nc - 1, 0)))
+            zu = _core.matmul(zc, np.ascontiguousarray(u))
+            kc = int(min(k, max(counts[c] - 1, 0)))
             if kc and w[0] > 0:
-                zu = zc @ u[:, :kc]
-                r = np.linalg.norm(zu - (qf @ u[:, :kc]) * w[:kc], axis=0) / w[0]
-                residual = max(residual, float(r.max()))
-                moved = max(moved, float(np.abs(w[:kc] - w_prev[c, :kc]).max() / w[0]))
-            q[c] = zc @ u
-            _core.orthonormalize(q[c])
+                r = zu[:, :kc] - _core.matmul(qf, np.ascontiguousarray(u[:, :kc])) * w[:kc]
+                residual = max(residual, float(np.sqrt((r * r).sum(axis=0)).max() / w[0]))
+                top = float(w[:kc].sum())
+                moved = max(moved, abs(top - float(w_prev[c, :kc].sum())) / top)
+            z[c] = zu  # the next basis, orthonormalised below
         shift = np.where(counts[:, None] > 0, np.nan_to_num(means), shift)
         settled = n_pass > 1 and moved <= _SUBSPACE_VALUE_TOL
+        _log.debug("subspace pass %d: Ritz residual %.2e, captured variance moved %.2e", n_pass, residual, moved)
         if residual <= _SUBSPACE_TOL or settled or n_pass == _SUBSPACE_MAX_PASSES:
             break  # the directions come from this pass's basis qc and its Ritz vectors
-        qc = q.astype(qc.dtype)
+        _orthonormalize(z)
+        qc[:] = z
+        z[:] = 0.0
+    del z
     k_c = np.minimum(k, np.maximum(counts - 1, 0))
     directions = np.zeros((g, d, k))
     eigenvalues = np.zeros((g, k))
@@ -262,6 +273,12 @@ def _subspace_directions(passes, y, n, g, d, k, progress, seed):
             directions[c, :, :kc] = qc[c].astype(np.float64) @ u_all[c][:, :kc]
             eigenvalues[c, :kc] = np.maximum(w_all[c][:kc], 0.0)
     return counts, means, directions, eigenvalues, k_c, n_pass, (0.0 if qc is None else residual)
+
+
+def _orthonormalize(q: np.ndarray) -> None:
+    """In place: every ``q[c]`` ``[d, l]`` (float64, C-contiguous) becomes an orthonormal basis of its columns."""
+    for c in range(q.shape[0]):
+        _core.orthonormalize(q[c])
 
 
 def read_columns(proj: np.ndarray, k: int, rows: np.ndarray | None = None, chunk: int = 1 << 16) -> np.ndarray:

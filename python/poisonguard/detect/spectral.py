@@ -39,7 +39,7 @@ class SpectralSignature:
     solver : ``"auto"``, ``"covariance"`` or ``"subspace"``
         How each class's top directions are found. ``"covariance"``: exact, from the streamed per-class covariance
         (about ``20·G·d²`` bytes). ``"subspace"``: streamed class-segmented subspace iteration, one more read of the
-        source per iteration (usually 3-8), memory ``O(G·d·(k + 10))``. ``"auto"`` takes the covariance route when
+        source per iteration (usually 3-6), memory ``O(G·d·(k + 10))``. ``"auto"`` takes the covariance route when
         it fits ``memory_budget``. ``solver_`` says which ran, the passes and the final Ritz residual.
     memory_budget : int bytes, default None (2 GiB)
     auto_separation : float, default 2.5
