@@ -201,6 +201,32 @@ PYBIND11_MODULE(_core, m) {
       "(proj [n, k] or None, score [n] = |proj|^2, que [n] or None) for proj = (x - means[g]) @ directions[g].");
 
   m.def(
+      "project_scores_cuda",
+      [](std::uintptr_t x_ptr, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride, int dtype,
+         std::uintptr_t groups_ptr, int64_t n_groups, std::uintptr_t means_ptr, std::uintptr_t dirs_ptr, int64_t k,
+         std::uintptr_t proj_ptr, std::uintptr_t score_ptr, std::uintptr_t que_ptr, std::uintptr_t que_score_ptr,
+         std::uintptr_t stream) {
+        PG_CHECK(dtype >= 0 && dtype <= 3, "unknown dtype code ", dtype);
+        MatrixView v;
+        v.data = reinterpret_cast<const void*>(x_ptr);
+        v.rows = rows;
+        v.cols = cols;
+        v.row_stride = row_stride;
+        v.col_stride = col_stride;
+        v.dtype = static_cast<DType>(dtype);
+        py::gil_scoped_release nogil;
+        pg::project_scores_cuda(v, reinterpret_cast<const int64_t*>(groups_ptr), n_groups,
+                                reinterpret_cast<const double*>(means_ptr), reinterpret_cast<const void*>(dirs_ptr), k,
+                                reinterpret_cast<void*>(proj_ptr), reinterpret_cast<double*>(score_ptr),
+                                reinterpret_cast<const double*>(que_ptr), reinterpret_cast<double*>(que_score_ptr),
+                                stream);
+      },
+      py::arg("x_ptr"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("col_stride"),
+      py::arg("dtype"), py::arg("groups_ptr"), py::arg("n_groups"), py::arg("means_ptr"), py::arg("dirs_ptr"),
+      py::arg("k"), py::arg("proj_ptr"), py::arg("score_ptr"), py::arg("que_ptr"), py::arg("que_score_ptr"),
+      py::arg("stream"), "Device version of project_scores: CUDA device pointers (0 for none), strides in elements.");
+
+  m.def(
       "segmented_power_pass",
       [](const py::array& x, const py::object& groups, const py::array& shift, const py::array& q, py::array z,
          py::array sums, py::array counts, bool bf16) {

@@ -21,6 +21,12 @@ void project_scores_cpu(const MatrixView& x,    // [n, d]
                         const double* que,      // [G, k, k] or nullptr
                         double* que_score);     // [n] or nullptr
 
+/// Device version of project_scores_cpu: every pointer is a CUDA device pointer (x strided in elements), the work
+/// is queued on `stream` (a cudaStream_t) and nothing waits for it. k ≤ 256.
+void project_scores_cuda(const MatrixView& x, const int64_t* groups, int64_t n_groups, const double* means,
+                         const void* dirs, int64_t k, void* proj, double* score, const double* que, double* que_score,
+                         std::uintptr_t stream);
+
 /// One class-segmented, shifted pass of subspace iteration, reading x once. For each row r of class g = groups[r]:
 /// u = x_r − shift_g (in fp64, stored in the compute type); then, per class, z_g += Uᵀ (U Q_g) with U the class's
 /// rows u (blocks multiplied in the compute type, summed in fp64), sums_g += Σ u (fp64) and counts_g += n_g.

@@ -6,6 +6,7 @@
 
 #include "covariance.h"
 #include "device.h"
+#include "projection.h"
 
 namespace pg {
 
@@ -28,6 +29,12 @@ std::string cuda_runtime_version() {
 
 void covariance_update_cuda(const MatrixView& /*x*/, const int64_t* /*groups*/, CovState /*state*/,
                             std::uintptr_t /*stream*/) {
+  throw std::runtime_error(kNoCuda);
+}
+
+void project_scores_cuda(const MatrixView& /*x*/, const int64_t* /*groups*/, int64_t /*n_groups*/,
+                         const double* /*means*/, const void* /*dirs*/, int64_t /*k*/, void* /*proj*/,
+                         double* /*score*/, const double* /*que*/, double* /*que_score*/, std::uintptr_t /*stream*/) {
   throw std::runtime_error(kNoCuda);
 }
 

@@ -55,6 +55,24 @@ def project_scores(
     que: npt.NDArray[np.float64] | None = None,
     bf16: bool = False,
 ) -> tuple[npt.NDArray[Any] | None, npt.NDArray[np.float64], npt.NDArray[np.float64] | None]: ...
+def project_scores_cuda(
+    x_ptr: int,
+    rows: int,
+    cols: int,
+    row_stride: int,
+    col_stride: int,
+    dtype: int,
+    groups_ptr: int,
+    n_groups: int,
+    means_ptr: int,
+    dirs_ptr: int,
+    k: int,
+    proj_ptr: int,
+    score_ptr: int,
+    que_ptr: int,
+    que_score_ptr: int,
+    stream: int,
+) -> None: ...
 def segmented_power_pass(
     x: npt.NDArray[Any],
     groups: npt.NDArray[np.int64] | None,

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from .._interop import as_index_array, compute_dtype, host_matrix, is_torch_tensor
+from .._interop import as_index_array, compute_dtype, device_matrix, host_matrix, is_cuda_tensor, is_torch_tensor
 
 
 def project_scores(
@@ -27,7 +27,8 @@ def project_scores(
 
     Parameters
     ----------
-    x : ``[n, d]`` numpy array or torch CPU tensor, float16/bfloat16/float32/float64; read in place.
+    x : ``[n, d]`` numpy array or torch tensor (CPU or CUDA), float16/bfloat16/float32/float64; read in place. A
+        CUDA tensor runs the CUDA kernel on its device and current stream; the outputs are then CUDA tensors.
     groups : ``[n]`` integer class ids in ``[0, G)``, or None (every row in class 0).
     means : ``[G, d]`` float64.
     directions : ``[G, d, k]``; converted to the compute type (float32 below float64 input; a copy of ``G·d·k``).
@@ -37,6 +38,8 @@ def project_scores(
     -------
     ``(projections [n, k] in the compute type or None, scores [n] float64, que_scores [n] float64 or None)``.
     """
+    if is_cuda_tensor(x):
+        return _project_scores_cuda(x, groups, means, directions, que, return_projections)
     arr, bf16 = host_matrix(x, "x")
     n, d = arr.shape
     means = np.asarray(means)
@@ -72,6 +75,59 @@ def project_scores(
         import torch
 
         proj = None if proj is None else torch.from_numpy(proj)
+    return proj, score, qs
+
+
+def _project_scores_cuda(x, groups, means, directions, que, want_proj):  # pragma: no cover - needs a GPU
+    import torch
+
+    if not _core.built_with_cuda():
+        raise RuntimeError(
+            "x is a CUDA tensor but poisonguard was built without CUDA; reinstall with POISONGUARD_CUDA=ON "
+            "(nvcc on PATH) or pass x.cpu()"
+        )
+    dm = device_matrix(x, "x")
+    n, d = dm.rows, dm.cols
+    dev = x.device
+    means = torch.as_tensor(np.asarray(means) if not torch.is_tensor(means) else means)
+    directions = torch.as_tensor(np.asarray(directions) if not torch.is_tensor(directions) else directions)
+    if means.ndim != 2 or means.shape[1] != d:
+        raise ValueError(f"means must be [G, {d}], got shape {tuple(means.shape)}")
+    n_groups = means.shape[0]
+    if directions.ndim != 3 or tuple(directions.shape[:2]) != (n_groups, d) or directions.shape[2] < 1:
+        raise ValueError(f"directions must be [{n_groups}, {d}, k] with k >= 1, got shape {tuple(directions.shape)}")
+    k = directions.shape[2]
+    if k > 256:
+        raise ValueError(f"the CUDA kernel takes at most 256 directions per class, got {k}")
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    means_d = means.to(device=dev, dtype=torch.float64).contiguous()
+    dirs_d = directions.to(device=dev, dtype=ct).contiguous()
+    if groups is None:
+        if n_groups != 1 and n:
+            raise ValueError(f"groups is required when there are {n_groups} classes")
+        g = None
+    else:
+        g = torch.as_tensor(groups).to(device=dev, dtype=torch.int64).contiguous()
+        if g.ndim != 1 or g.shape[0] != n:
+            raise ValueError(f"groups must have shape [{n}], got {tuple(g.shape)}")
+        if n and (int(g.min()) < 0 or int(g.max()) >= n_groups):
+            raise ValueError(f"groups must be in [0, {n_groups})")
+    que_d = None
+    if que is not None:
+        que_d = torch.as_tensor(np.asarray(que) if not torch.is_tensor(que) else que)
+        if tuple(que_d.shape) != (n_groups, k, k):
+            raise ValueError(f"que must be [{n_groups}, {k}, {k}], got shape {tuple(que_d.shape)}")
+        que_d = que_d.to(device=dev, dtype=torch.float64).contiguous()
+    proj = torch.empty((n, k), device=dev, dtype=ct) if want_proj else None
+    score = torch.empty(n, device=dev, dtype=torch.float64)
+    qs = torch.empty(n, device=dev, dtype=torch.float64) if que_d is not None else None
+    with torch.cuda.device(dev):
+        _core.project_scores_cuda(
+            dm.ptr, n, d, dm.row_stride, dm.col_stride, dm.dtype_code,
+            0 if g is None else g.data_ptr(), n_groups, means_d.data_ptr(), dirs_d.data_ptr(), k,
+            0 if proj is None else proj.data_ptr(), score.data_ptr(),
+            0 if que_d is None else que_d.data_ptr(), 0 if qs is None else qs.data_ptr(), dm.stream,
+        )  # fmt: skip
     return proj, score, qs
 
 
