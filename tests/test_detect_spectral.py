@@ -67,16 +67,46 @@ def test_art_preset_equals_art_code_when_installed(rng):
         np.testing.assert_allclose(det.scores_[idx], score, rtol=1e-8)
 
 
-def test_auto_finds_poison_and_spares_clean_classes(rng):
-    x, y, poison = _poisoned(rng, shift=4.0)
+def _relabelled(rng, n=6000, d=24, g=4, n_poison=300, trigger=6.0, natural_mode=False):
+    """Classes with a few strong latent factors; the poison is taken from the other classes, given a common
+    trigger offset and relabelled to class 1 (a BadNets-like all-to-one attack). With ``natural_mode``, class 2 also
+    has a homogeneous second mode (a sub-style of the class: same spread, shifted)."""
+    y = rng.integers(0, g, n)
+    centres = 4 * rng.standard_normal((g, d))
+    x = rng.standard_normal((n, d)) + centres[y]
+    if natural_mode:
+        sub = np.flatnonzero(y == 2)[: (y == 2).sum() // 4]
+        x[sub] += 5.0 * rng.standard_normal(d) / np.sqrt(d) * 3
+    src = np.flatnonzero(y != 1)
+    poison = np.sort(rng.choice(src, n_poison, replace=False))
+    x[poison] += trigger * rng.standard_normal(d) / np.sqrt(d) * 2
+    y[poison] = 1
+    return x, y, poison
+
+
+def test_auto_finds_relabelled_poison_and_spares_clean_classes(rng):
+    x, y, poison = _relabelled(rng, natural_mode=True)
     det = SpectralSignature("auto").fit(x.astype(np.float32), y)
     assert det.is_poison_[poison].mean() >= 0.95
     clean = np.ones(len(x), dtype=bool)
     clean[poison] = False
     assert det.is_poison_[clean].mean() <= 0.01
-    x2, y2, _ = _poisoned(rng, n_poison=0)
+    assert det.spread_[1] >= 2.0  # the poison mode is wider: it keeps the variation of its source classes
+    # class 2's sub-style is a separated second mode, but as narrow as the rest of its class: not flagged
+    assert det.separation_[2] >= det.auto_separation and det.spread_[2] < 2.0
+    assert not det.is_poison_[y == 2].any() and np.isinf(det.threshold_[2])
+    assert det.report()["params"]["auto_spread"] == 2.0
+    # without the heterogeneity check, the sub-style is flagged as well
+    loose = SpectralSignature("auto", auto_spread=0).fit(x, y)
+    assert loose.is_poison_[y == 2].sum() > 100
+    x2, y2, _ = _relabelled(rng, n_poison=0)
     det2 = SpectralSignature("auto").fit(x2, y2)
     assert det2.is_poison_.mean() <= 0.01
+
+
+def test_auto_spread_is_validated():
+    with pytest.raises(ValueError, match="auto_spread"):
+        SpectralSignature("auto", auto_spread=-1)
 
 
 def test_sources_and_chunking_agree(rng, tmp_path):

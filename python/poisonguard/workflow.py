@@ -156,7 +156,7 @@ def scan(
     if "spectre" in methods:
         detectors["spectre"] = Spectre(expected_poison_fraction, chunk_rows=chunk_rows, **(spectre or {}))
     _consensus({m: np.zeros(1, dtype=bool) for m in methods}, consensus)  # validate before reading anything
-    k = max(det.n_components for det in detectors.values())
+    k = max(getattr(det, "_k_needed", det.n_components) for det in detectors.values())
     projected = project_by_class(
         source,
         labels,

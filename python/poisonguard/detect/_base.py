@@ -134,6 +134,26 @@ def mixture_flags(values: np.ndarray, labels: np.ndarray, n_classes: int, d_min:
     return is_poison, scores, separation, share
 
 
+def spread_gate(pr: Any, flags: np.ndarray, k: int, min_ratio: float) -> np.ndarray:
+    """The heterogeneity check of the "auto" rules, in place on ``flags``: per class with flags, the ratio of the
+    flagged samples' spread to the others' (trace of their covariance on the class's first ``k`` projections of
+    ``pr``, a ``Projected``); a class whose ratio is below ``min_ratio`` keeps no flag. Returns the ratios ``[G]``
+    (NaN for classes without flags, 0 when either side has fewer than 2 samples)."""
+    y, g = pr.labels, pr.n_classes
+    ratios = np.full(g, np.nan)
+    k = min(k, pr.directions.shape[2])
+    for c in np.flatnonzero(np.bincount(y[flags], minlength=g)):
+        idx, block = pr.class_block(int(c), k)
+        minor = flags[idx]
+        ratio = 0.0
+        if minor.sum() >= 2 and (~minor).sum() >= 2:
+            ratio = float(block[minor].var(axis=0).sum() / max(block[~minor].var(axis=0).sum(), 1e-300))
+        ratios[c] = ratio
+        if ratio < min_ratio:
+            flags[idx] = False
+    return ratios
+
+
 def detector_report(det: Any, method: str, params: dict, per_class: dict[str, np.ndarray] | None = None) -> dict:
     """The common ``report()`` of a fitted detector: parameters, totals and one row per class (samples, flagged,
     threshold, plus any ``per_class`` columns), as plain JSON-able types."""
