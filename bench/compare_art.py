@@ -261,8 +261,10 @@ def art_defence(acts: np.ndarray, labels: np.ndarray, n_classes: int):
     return SpectralSignatureDefense(ActivationStub(acts, n_classes), acts, onehot)  # defaults: 0.33, 1.5
 
 
-def methods_for(acts: np.ndarray, labels: np.ndarray, n_classes: int, with_art: bool) -> list[tuple]:
-    """(name, fn, flags-from-result) for every method; ``fn`` does the whole detection and returns its result."""
+def methods_for(acts: np.ndarray, labels: np.ndarray, n_classes: int, with_art: bool, eps_class: float) -> list[tuple]:
+    """(name, fn, flags-from-result) for every method; ``fn`` does the whole detection and returns its result.
+    ``eps_class``: the poisoned share of the target class, the ε of the papers' rule (an oracle value, told to
+    the "ε=share" rows only)."""
     pg = import_retry("poisonguard")
     ss, sp, scan = pg.SpectralSignature, pg.Spectre, pg.scan
     out = []
@@ -280,7 +282,9 @@ def methods_for(acts: np.ndarray, labels: np.ndarray, n_classes: int, with_art: 
         ("SpectralSignature(0.33, art)", fit(ss(0.33, preset="art")), flags),
         ("SpectralSignature(0.05) paper", fit(ss(0.05)), flags),
         ("SpectralSignature(auto)", fit(ss("auto")), flags),
+        (f"SpectralSignature(ε={eps_class:.3f}) paper", fit(ss(eps_class)), flags),
         ("Spectre(0.05)", fit(sp(0.05)), flags),
+        (f"Spectre(ε={eps_class:.3f})", fit(sp(eps_class)), flags),
         ("Spectre(auto)", fit(sp("auto")), flags),
     ]
     run_scan = lambda: scan(acts, labels, methods=("spectral", "spectre"), n_classes=n_classes)  # noqa: E731
@@ -368,7 +372,8 @@ def compare(name: str, data: dict, repeat: int, with_art: bool, save_rows: bool 
         f"sacrificial model: {meta['model']}, {meta['epochs']} epochs: clean test accuracy "
         f"{meta['clean_accuracy']:.4f}, attack success rate {meta['attack_success_rate']:.4f}"
     )
-    methods = methods_for(acts, labels, n_classes, with_art)
+    eps_class = round(float(truth.sum() / in_target), 3)
+    methods = methods_for(acts, labels, n_classes, with_art, eps_class)
     calls = {id(fn): fn for _, fn, _ in methods}  # the three scan rows share one call
     results = {key: fn() for key, fn in calls.items()}  # correctness first (and the warm-up): flags, then timings
     rows = []
@@ -492,7 +497,16 @@ def targets(results: list[dict]) -> list[dict]:
                         "pass": ratio >= 10,
                     }
                 )
-            for m in ("SpectralSignature(auto)", "Spectre(auto)", "scan(auto): consensus any"):
+            for m in ("SpectralSignature(auto)", "Spectre(auto)", "scan(auto): spectral", "scan(auto): consensus any"):
+                out.append(
+                    {
+                        "set": res["name"],
+                        "what": f"clean classes lose (share of their samples flagged): {m}",
+                        "value": f"{by[m]['clean_lost_other_pct']:.2f}%",
+                        "target": "<= 1%",
+                        "pass": by[m]["clean_lost_other_pct"] <= 1.0,
+                    }
+                )
                 p, pa = by[m]["precision"], art["precision"]
                 ratio = p / pa if pa and not math.isnan(p) else math.nan
                 extra = " (0 flagged: precision undefined)" if by[m]["flagged"] == 0 else ""
@@ -514,6 +528,17 @@ def targets(results: list[dict]) -> list[dict]:
                     {
                         "set": res["name"],
                         "what": f"recall: {m} (rule flags 7.5% of each class: ceiling {ceiling:.4f} here)",
+                        "value": f"{rec:.4f}",
+                        "target": ">= 0.95",
+                        "pass": rec >= 0.95,
+                    }
+                )
+            for m in [k for k in by if "ε=" in k]:
+                rec = by[m]["recall"]
+                out.append(
+                    {
+                        "set": res["name"],
+                        "what": f"recall: {m} (the papers' ε: the target class's poisoned share, told)",
                         "value": f"{rec:.4f}",
                         "target": ">= 0.95",
                         "pass": rec >= 0.95,
