@@ -42,8 +42,8 @@ const T* host_vector(const py::array& a, const char* name, int64_t n) {
   return static_cast<const T*>(a.data());
 }
 
-LogitsView device_logits(std::uintptr_t ptr, int64_t batch, int64_t classes, int64_t positions, int64_t sb,
-                         int64_t sc, int64_t sp, int dtype) {
+LogitsView device_logits(std::uintptr_t ptr, int64_t batch, int64_t classes, int64_t positions, int64_t sb, int64_t sc,
+                         int64_t sp, int dtype) {
   PG_CHECK(dtype >= 0 && dtype <= 3, "unknown dtype code ", dtype);
   LogitsView v;
   v.data = reinterpret_cast<const void*>(ptr);
@@ -89,8 +89,8 @@ void pg_bind_trim(py::module_& m) {
         const int64_t n = v.rows();
         PG_CHECK(grad.writeable(), "grad must be writeable");
         LogitsView g = host_logits(grad, "grad");
-        PG_CHECK(scale.ndim() == 1 && (scale.shape(0) == 1 || scale.shape(0) == n), "scale must have shape [1] or [",
-                 n, "]");
+        PG_CHECK(scale.ndim() == 1 && (scale.shape(0) == 1 || scale.shape(0) == n), "scale must have shape [1] or [", n,
+                 "]");
         const double* s = host_vector<double>(scale, "scale", scale.shape(0));
         const int64_t s_stride = scale.shape(0) == 1 ? 0 : 1;
         pg::TrimRows rows{nullptr, const_cast<double*>(host_vector<double>(row_max, "row_max", n)),
@@ -100,17 +100,16 @@ void pg_bind_trim(py::module_& m) {
         py::gil_scoped_release nogil;
         pg::trimmed_cross_entropy_backward_cpu(v, t, rows, s, s_stride, factor, g);
       },
-      py::arg("logits"), py::arg("target"), py::arg("row_max"), py::arg("log_sum"), py::arg("keep"),
-      py::arg("scale"), py::arg("factor"), py::arg("grad"),
+      py::arg("logits"), py::arg("target"), py::arg("row_max"), py::arg("log_sum"), py::arg("keep"), py::arg("scale"),
+      py::arg("factor"), py::arg("grad"),
       "Writes grad [B, C, P] (the logits' dtype, any strides) = (softmax − onehot) · factor · scale on kept rows, "
       "0 elsewhere; scale is float64 [1] or [n].");
 
   m.def(
       "trimmed_cross_entropy_forward_cuda",
       [](std::uintptr_t ptr, int64_t batch, int64_t classes, int64_t positions, int64_t sb, int64_t sc, int64_t sp,
-         int dtype, std::uintptr_t target, int64_t ignore_index, int64_t k, std::uintptr_t loss,
-         std::uintptr_t row_max, std::uintptr_t log_sum, std::uintptr_t keep, std::uintptr_t total,
-         std::uintptr_t stream) {
+         int dtype, std::uintptr_t target, int64_t ignore_index, int64_t k, std::uintptr_t loss, std::uintptr_t row_max,
+         std::uintptr_t log_sum, std::uintptr_t keep, std::uintptr_t total, std::uintptr_t stream) {
         LogitsView v = device_logits(ptr, batch, classes, positions, sb, sc, sp, dtype);
         pg::TrimRows rows{reinterpret_cast<double*>(loss), reinterpret_cast<double*>(row_max),
                           reinterpret_cast<double*>(log_sum), reinterpret_cast<uint8_t*>(keep)};
@@ -142,6 +141,6 @@ void pg_bind_trim(py::module_& m) {
       py::arg("ptr"), py::arg("batch"), py::arg("classes"), py::arg("positions"), py::arg("stride_b"),
       py::arg("stride_c"), py::arg("stride_p"), py::arg("dtype"), py::arg("target"), py::arg("row_max"),
       py::arg("log_sum"), py::arg("keep"), py::arg("scale"), py::arg("scale_stride"), py::arg("factor"),
-      py::arg("grad"), py::arg("grad_stride_b"), py::arg("grad_stride_c"), py::arg("grad_stride_p"),
-      py::arg("stream"), "Device version of trimmed_cross_entropy_backward: CUDA pointers, strides in elements.");
+      py::arg("grad"), py::arg("grad_stride_b"), py::arg("grad_stride_c"), py::arg("grad_stride_p"), py::arg("stream"),
+      "Device version of trimmed_cross_entropy_backward: CUDA pointers, strides in elements.");
 }

@@ -12,15 +12,14 @@ constexpr const char* kNoCuda =
 }  // namespace
 
 void trimmed_cross_entropy_forward_cuda(const LogitsView& /*logits*/, const int64_t* /*target*/,
-                                        int64_t /*ignore_index*/, int64_t /*k*/, TrimRows /*rows*/,
-                                        double* /*total*/, std::uintptr_t /*stream*/) {
+                                        int64_t /*ignore_index*/, int64_t /*k*/, TrimRows /*rows*/, double* /*total*/,
+                                        std::uintptr_t /*stream*/) {
   throw std::runtime_error(kNoCuda);
 }
 
 void trimmed_cross_entropy_backward_cuda(const LogitsView& /*logits*/, const int64_t* /*target*/,
-                                         const TrimRows& /*rows*/, const double* /*scale*/,
-                                         int64_t /*scale_stride*/, double /*factor*/, const LogitsView& /*grad*/,
-                                         std::uintptr_t /*stream*/) {
+                                         const TrimRows& /*rows*/, const double* /*scale*/, int64_t /*scale_stride*/,
+                                         double /*factor*/, const LogitsView& /*grad*/, std::uintptr_t /*stream*/) {
   throw std::runtime_error(kNoCuda);
 }
 

@@ -70,8 +70,8 @@ inline float hmax(__m256 v) {
 }
 
 inline double hsum_d(__m256 v) {
-  const __m256d a = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
-                                  _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  const __m256d a =
+      _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
   __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
   s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
   return _mm_cvtsd_f64(s);

@@ -83,7 +83,7 @@ __device__ __forceinline__ void store(f64_tag, double* p, double v) {
 }
 
 template <typename Tag>
-__global__ void row_stats_kernel(LogitsView x,  // [B, C, P]
+__global__ void row_stats_kernel(LogitsView x,                        // [B, C, P]
                                  const int64_t* __restrict__ target,  // [n]
                                  int64_t ignore_index, TrimRows rows,
                                  uint64_t* __restrict__ keys,  // [n]

@@ -103,7 +103,8 @@ def _trimmed_cross_entropy(logits, target, trim: float, ignore_index: int = -100
     x = _to_float64(logits)
     t = np.asarray(_to_float64(target), dtype=np.int64)
     b, c = x.shape[:2]
-    xr = np.moveaxis(x.reshape(b, c, -1), 1, 2).reshape(-1, c)  # [n, C], rows in (b, position) order
+    npos = int(np.prod(x.shape[2:], dtype=np.int64))
+    xr = np.moveaxis(x.reshape(b, c, npos), 1, 2).reshape(-1, c)  # [n, C], rows in (b, position) order
     tr = t.reshape(-1)
     n = xr.shape[0]
     valid = tr != ignore_index
@@ -129,5 +130,5 @@ def _trimmed_cross_entropy(logits, target, trim: float, ignore_index: int = -100
         value = loss[keep].sum()
     else:
         value = np.where(keep, loss, 0.0).reshape(t.shape)
-    grad = np.moveaxis(p.reshape(b, -1, c), 2, 1).reshape(x.shape)
+    grad = np.moveaxis(p.reshape(b, npos, c), 2, 1).reshape(x.shape)
     return value, grad, keep.reshape(t.shape)
