@@ -11,8 +11,10 @@ Definitions (shared by all three):
   shape with dropped and ignored rows set to 0. With no valid row (empty batch, or every target ignored) "mean" is
   0 with a zero gradient (``F.cross_entropy`` gives NaN there; a NaN would poison a training run);
 * ``trim=0`` is plain cross-entropy; ``trim`` must be in ``[0, 1)``;
-* logits with NaN or +inf in a valid row raise ValueError (−inf is allowed, e.g. masked classes; a target at −inf
-  has an infinite loss, which trimming drops first).
+* on the CPU, logits with NaN or +inf in a valid row raise ValueError (−inf is allowed, e.g. masked classes; a
+  target at −inf has an infinite loss, which trimming drops first). On CUDA no error can be raised without waiting
+  for the device: such a row gets a NaN loss, ranked above every other, so trimming drops it first and a kept one
+  makes the loss NaN.
 """
 
 from __future__ import annotations
