@@ -252,18 +252,19 @@ def _forward_cuda(x3: Any, t: Any, ignore_index: int, k: int, n_valid: int) -> T
     keep = torch.empty(n, dtype=torch.uint8, device=dev)
     total = torch.empty(1, **f64)
     xd = x3.detach()
-    _core.trimmed_cross_entropy_forward_cuda(
-        *_cuda_args(xd),
-        t.data_ptr(),
-        ignore_index,
-        k,
-        loss.data_ptr(),
-        row_max.data_ptr(),
-        log_sum.data_ptr(),
-        keep.data_ptr(),
-        total.data_ptr(),
-        _stream(xd),
-    )
+    with torch.cuda.device(dev):  # temporaries and launches on the logits' device
+        _core.trimmed_cross_entropy_forward_cuda(
+            *_cuda_args(xd),
+            t.data_ptr(),
+            ignore_index,
+            k,
+            loss.data_ptr(),
+            row_max.data_ptr(),
+            log_sum.data_ptr(),
+            keep.data_ptr(),
+            total.data_ptr(),
+            _stream(xd),
+        )
     return TrimState(
         loss=loss,
         keep=keep.view(torch.bool),
@@ -288,21 +289,22 @@ def trimmed_cross_entropy_backward(x3: Any, t: Any, state: TrimState, scale: Any
         xd = x3.detach()
         grad = torch.empty_like(xd)
         s = scale.to(device=xd.device, dtype=torch.float64).contiguous()
-        _core.trimmed_cross_entropy_backward_cuda(
-            *_cuda_args(xd),
-            t.data_ptr(),
-            state.row_max.data_ptr(),
-            state.log_sum.data_ptr(),
-            state.keep.data_ptr(),
-            s.data_ptr(),
-            0 if s.numel() == 1 else 1,
-            float(factor),
-            grad.data_ptr(),
-            grad.stride(0),
-            grad.stride(1),
-            grad.stride(2),
-            _stream(xd),
-        )
+        with torch.cuda.device(xd.device):
+            _core.trimmed_cross_entropy_backward_cuda(
+                *_cuda_args(xd),
+                t.data_ptr(),
+                state.row_max.data_ptr(),
+                state.log_sum.data_ptr(),
+                state.keep.data_ptr(),
+                s.data_ptr(),
+                0 if s.numel() == 1 else 1,
+                float(factor),
+                grad.data_ptr(),
+                grad.stride(0),
+                grad.stride(1),
+                grad.stride(2),
+                _stream(xd),
+            )
         return grad
     arr = _host_logits(x3)
     as_np = (lambda a: a.numpy()) if is_torch_tensor(x3) else (lambda a: a)
