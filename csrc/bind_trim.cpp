@@ -63,23 +63,52 @@ LogitsView device_logits(std::uintptr_t ptr, int64_t batch, int64_t classes, int
 void pg_bind_trim(py::module_& m) {
   m.def(
       "trimmed_cross_entropy_forward",
-      [](const py::array& logits, const py::array& target, int64_t ignore_index, int64_t k) {
+      [](const py::array& logits, const py::array& target, int64_t ignore_index, int64_t k,
+         const py::object& eager_grad) {
         LogitsView v = host_logits(logits, "logits");
         const int64_t n = v.rows();
         const int64_t* t = host_vector<int64_t>(target, "target", n);
+        LogitsView g;
+        bool eager = false;
+        if (!eager_grad.is_none()) {
+          py::array ga = eager_grad;
+          PG_CHECK(ga.writeable(), "eager_grad must be writeable");
+          g = host_logits(ga, "eager_grad");
+          eager = pg::trimmed_cross_entropy_eager_available(v, g);
+        }
         py::array_t<double> loss(n), row_max(n), log_sum(n);
         py::array_t<uint8_t> keep(n);
         pg::TrimRows rows{loss.mutable_data(), row_max.mutable_data(), log_sum.mutable_data(), keep.mutable_data()};
         double total = 0.0;
         {
           py::gil_scoped_release nogil;
-          total = pg::trimmed_cross_entropy_forward_cpu(v, t, ignore_index, k, rows);
+          total = pg::trimmed_cross_entropy_forward_cpu(v, t, ignore_index, k, rows, eager ? &g : nullptr);
         }
-        return py::make_tuple(total, loss, row_max, log_sum, keep);
+        return py::make_tuple(total, loss, row_max, log_sum, keep, eager);
       },
-      py::arg("logits"), py::arg("target"), py::arg("ignore_index"), py::arg("k"),
-      "(sum of kept losses, loss [n], row_max [n], log_sum [n] float64, keep [n] uint8) for float32/float64 logits "
-      "[B, C, P] (any strides) and int64 targets [B·P]; the k smallest losses of the valid rows are kept.");
+      py::arg("logits"), py::arg("target"), py::arg("ignore_index"), py::arg("k"), py::arg("eager_grad") = py::none(),
+      "(sum of kept losses, loss [n], row_max [n], log_sum [n] float64, keep [n] uint8, eager) for float32/float64 "
+      "logits [B, C, P] (any strides) and int64 targets [B·P]; the k smallest losses of the valid rows are kept. "
+      "eager: whether exp(x − row_max) was also written into eager_grad (float32, unit class stride only).");
+
+  m.def(
+      "trimmed_cross_entropy_backward_eager",
+      [](const py::array& target, const py::array& log_sum, const py::array& keep, const py::array& scale,
+         double factor, py::array grad) {
+        PG_CHECK(grad.writeable(), "grad must be writeable");
+        LogitsView g = host_logits(grad, "grad");
+        const int64_t n = g.rows();
+        PG_CHECK(scale.ndim() == 1 && (scale.shape(0) == 1 || scale.shape(0) == n), "scale must have shape [1] or [", n,
+                 "]");
+        const double* s = host_vector<double>(scale, "scale", scale.shape(0));
+        pg::TrimRows rows{nullptr, nullptr, const_cast<double*>(host_vector<double>(log_sum, "log_sum", n)),
+                          const_cast<uint8_t*>(host_vector<uint8_t>(keep, "keep", n))};
+        const int64_t* t = host_vector<int64_t>(target, "target", n);
+        py::gil_scoped_release nogil;
+        pg::trimmed_cross_entropy_backward_eager_cpu(t, rows, s, scale.shape(0) == 1 ? 0 : 1, factor, g);
+      },
+      py::arg("target"), py::arg("log_sum"), py::arg("keep"), py::arg("scale"), py::arg("factor"), py::arg("grad"),
+      "Finishes in place a gradient filled eagerly by trimmed_cross_entropy_forward (float32 [B, C, P]).");
 
   m.def(
       "trimmed_cross_entropy_backward",

@@ -43,9 +43,23 @@ struct TrimRows {
 /// target outside [0, classes) that is not ignore_index, for k outside [min(1, n_valid), n_valid], and for a valid
 /// row whose logits hold NaN or +inf or no finite value (its log-sum-exp is not finite). Returns the sum of the kept
 /// losses (float64, added in row order). Accepts float32 and float64 logits.
+/// With `eager_grad` (optional, see trimmed_cross_entropy_eager_available) the row pass also writes
+/// exp(x − row_max) of every valid row into it, so that the backward pass needs no second read of the logits and no
+/// second exp (trimmed_cross_entropy_backward_eager_cpu).
 double trimmed_cross_entropy_forward_cpu(const LogitsView& logits,  // [B, C, P]
                                          const int64_t* target,     // [B·P]
-                                         int64_t ignore_index, int64_t k, TrimRows rows);
+                                         int64_t ignore_index, int64_t k, TrimRows rows,
+                                         const LogitsView* eager_grad = nullptr);  // [B, C, P] or null
+
+/// Whether the forward pass can fill `grad` eagerly (float32 logits and gradient with unit class stride, AVX2 build).
+bool trimmed_cross_entropy_eager_available(const LogitsView& logits, const LogitsView& grad);
+
+/// Finishes an eagerly filled gradient in place: kept rows (exp(x − max) · exp(−log_sum) − onehot) · factor · scale,
+/// other rows 0.
+void trimmed_cross_entropy_backward_eager_cpu(const int64_t* target,  // [B·P]
+                                              const TrimRows& rows,   // log_sum, keep read
+                                              const double* scale, int64_t scale_stride, double factor,
+                                              const LogitsView& grad);  // [B, C, P] float32, in place
 
 /// grad[r, j] = (softmax(x_r)_j − [j == target_r]) · factor · scale[r · scale_stride] on kept rows, 0 elsewhere.
 /// `scale` is the upstream gradient (one value with scale_stride 0, or one per row with scale_stride 1), `factor`

@@ -273,6 +273,28 @@ def test_gradcheck(reduction, shape):
     assert torch.autograd.gradcheck(lambda a: trimmed_cross_entropy(a, t, 0.3, reduction=reduction), (x,))
 
 
+@pytest.mark.parametrize("shape", [(200, 37), (64, 1100), (30, 6, 4)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_eager_gradient_matches_default(monkeypatch, shape, reduction):
+    import poisonguard.torch.trim as trim_mod
+
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(*shape, generator=g) * 3
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+    t.view(-1)[::9] = -100
+    gout = None if reduction == "mean" else torch.rand(t.shape, generator=g)
+    v0, g0, k0 = run(x, t, 0.3, reduction, grad_out=gout)
+    monkeypatch.setattr(trim_mod, "EAGER_GRADIENT", True)
+    v1, g1, k1 = run(x, t, 0.3, reduction, grad_out=gout)
+    assert torch.equal(v0, v1) and torch.equal(k0, k1)
+    assert rel(g1, g0.numpy()) <= 1e-6
+    state, *_ = trimmed_cross_entropy_forward(x, t, 0.3, eager_grad=True)
+    assert (state.grad is not None) == (len(shape) == 2)  # [B, C, d] has a class stride of d: default path
+    with torch.no_grad():  # no gradient needed: the default forward runs
+        monkeypatch.setattr(trim_mod, "EAGER_GRADIENT", True)
+        assert torch.equal(trimmed_cross_entropy(x, t, 0.3, reduction=reduction), v0)
+
+
 def test_deterministic_and_thread_independent():
     g = torch.Generator().manual_seed(11)
     x = torch.randn(3000, 50, generator=g)

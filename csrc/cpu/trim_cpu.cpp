@@ -83,8 +83,9 @@ inline __m256i tail_mask(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), idx);
 }
 
-// (max, Σ exp(x − max)) of a contiguous float32 row.
-void row_stats_f32(const float* x, int64_t c, double& row_max, double& sum) {
+// (max, Σ exp(x − max)) of a contiguous float32 row; with Store, exp(x − max) is also written to e[0, c).
+template <bool Store>
+void row_stats_f32(const float* x, int64_t c, double& row_max, double& sum, float* e) {
   const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 m0 = neg_inf, m1 = neg_inf;
   int64_t j = 0;
@@ -99,17 +100,28 @@ void row_stats_f32(const float* x, int64_t c, double& row_max, double& sum) {
   const __m256 vm = _mm256_set1_ps(m);
   double total = 0.0;
   for (int64_t b = 0; b < c; b += kSumBlock) {
-    const int64_t e = std::min(c, b + kSumBlock);
+    const int64_t end = std::min(c, b + kSumBlock);
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t i = b;
-    for (; i + 16 <= e; i += 16) {
-      s0 = _mm256_add_ps(s0, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm)));
-      s1 = _mm256_add_ps(s1, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vm)));
+    for (; i + 16 <= end; i += 16) {
+      const __m256 v0 = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+      const __m256 v1 = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vm));
+      if (Store) {
+        _mm256_storeu_ps(e + i, v0);
+        _mm256_storeu_ps(e + i + 8, v1);
+      }
+      s0 = _mm256_add_ps(s0, v0);
+      s1 = _mm256_add_ps(s1, v1);
     }
-    for (; i + 8 <= e; i += 8) s0 = _mm256_add_ps(s0, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm)));
-    if (i < e) {
-      const __m256i mask = tail_mask(e - i);
+    for (; i + 8 <= end; i += 8) {
+      const __m256 v = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+      if (Store) _mm256_storeu_ps(e + i, v);
+      s0 = _mm256_add_ps(s0, v);
+    }
+    if (i < end) {
+      const __m256i mask = tail_mask(end - i);
       const __m256 v = exp256(_mm256_sub_ps(_mm256_maskload_ps(x + i, mask), vm));
+      if (Store) _mm256_maskstore_ps(e + i, mask, v);
       s1 = _mm256_add_ps(s1, _mm256_and_ps(v, _mm256_castsi256_ps(mask)));
     }
     total += hsum_d(_mm256_add_ps(s0, s1));
@@ -157,6 +169,13 @@ inline bool fast_rows(const LogitsView& v) {
 #endif
 }
 
+// The eager gradient (exp written in the forward pass) exists for the AVX2 rows only, into a gradient of the same
+// shape with unit class stride.
+inline bool eager_rows(const LogitsView& x, const LogitsView& g) {
+  return fast_rows(x) && g.dtype == DType::float32 && g.stride_c == 1 && g.batch == x.batch && g.classes == x.classes &&
+         g.positions == x.positions;
+}
+
 void check_view(const LogitsView& v, const char* name) {
   PG_CHECK(v.batch >= 0 && v.classes >= 1 && v.positions >= 1, name, " must have at least one class, got shape [",
            v.batch, ", ", v.classes, ", ", v.positions, "]");
@@ -167,11 +186,12 @@ void check_view(const LogitsView& v, const char* name) {
 }  // namespace
 
 double trimmed_cross_entropy_forward_cpu(const LogitsView& logits, const int64_t* target, int64_t ignore_index,
-                                         int64_t k, TrimRows rows) {
+                                         int64_t k, TrimRows rows, const LogitsView* eager_grad) {
   check_view(logits, "logits");
   const int64_t n = logits.rows();
   const int64_t c = logits.classes;
   const bool fast = fast_rows(logits);
+  const bool eager = eager_grad != nullptr && eager_rows(logits, *eager_grad);
   // Targets first (cheap, and nothing is written when one is wrong).
   int64_t n_valid = 0;
   for (int64_t r = 0; r < n; ++r) {
@@ -197,7 +217,11 @@ double trimmed_cross_entropy_forward_cpu(const LogitsView& logits, const int64_t
       if (fast) {
 #if defined(PG_TRIM_AVX2)
         const float* x = static_cast<const float*>(logits.data) + off;
-        row_stats_f32(x, c, m, s);
+        if (eager)
+          row_stats_f32<true>(x, c, m, s,
+                              static_cast<float*>(const_cast<void*>(eager_grad->data)) + eager_grad->row_offset(r));
+        else
+          row_stats_f32<false>(x, c, m, s, nullptr);
         xt = x[t];
 #endif
       } else if (logits.dtype == DType::float64) {
@@ -286,6 +310,32 @@ void trimmed_cross_entropy_backward_cpu(const LogitsView& logits, const int64_t*
         for (int64_t j = 0; j < c; ++j) g[j * gs] = static_cast<float>(std::exp((x[j * sc] - m) - ls) * s);
         g[t * gs] -= static_cast<float>(s);
       }
+    }
+  });
+}
+
+bool trimmed_cross_entropy_eager_available(const LogitsView& logits, const LogitsView& grad) {
+  return eager_rows(logits, grad);
+}
+
+void trimmed_cross_entropy_backward_eager_cpu(const int64_t* target, const TrimRows& rows, const double* scale,
+                                              int64_t scale_stride, double factor, const LogitsView& grad) {
+  PG_CHECK_TYPE(grad.dtype == DType::float32 && grad.stride_c == 1,
+                "the eager gradient must be float32 with unit class stride");
+  const int64_t n = grad.rows();
+  const int64_t c = grad.classes;
+  parallel_for(n, min_rows_per_thread(c), [&](int, int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      float* g = static_cast<float*>(const_cast<void*>(grad.data)) + grad.row_offset(r);
+      if (!rows.keep[r]) {
+        std::fill(g, g + c, 0.0f);
+        continue;
+      }
+      // g holds exp(x − max); softmax = that / Σ = that · exp(−log_sum).
+      const double s = factor * scale[r * scale_stride];
+      const float mult = static_cast<float>(s * std::exp(-rows.log_sum[r]));
+      for (int64_t j = 0; j < c; ++j) g[j] *= mult;
+      g[target[r]] -= static_cast<float>(s);
     }
   });
 }

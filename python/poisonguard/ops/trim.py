@@ -51,7 +51,9 @@ class TrimState:
 
     ``loss`` ``[n]`` float64 per-row cross-entropy (0 for ignored rows); ``keep`` ``[n]`` bool; ``total`` the sum of
     the kept losses (a float, or a 0-d float64 tensor on CUDA); ``k`` kept rows of ``n_valid`` valid ones;
-    ``row_max``, ``log_sum`` ``[n]`` float64, the softmax of row r being ``exp(x − row_max[r] − log_sum[r])``.
+    ``row_max``, ``log_sum`` ``[n]`` float64, the softmax of row r being ``exp(x − row_max[r] − log_sum[r])``;
+    ``grad``: the ``[B, C, P]`` gradient buffer already holding ``exp(x − row_max)`` when the forward pass was asked
+    for an eager gradient and could provide one, else None.
     """
 
     loss: Any
@@ -61,6 +63,7 @@ class TrimState:
     n_valid: int
     row_max: Any
     log_sum: Any
+    grad: Any = None
 
 
 def _as_rows(logits: Any) -> tuple[Any, tuple[int, ...]]:
@@ -185,7 +188,7 @@ def _stream(t: Any) -> int:  # pragma: no cover - needs a GPU
 
 
 def trimmed_cross_entropy_forward(
-    logits: Any, target: Any, trim: float = 0.1, *, ignore_index: int = -100
+    logits: Any, target: Any, trim: float = 0.1, *, ignore_index: int = -100, eager_grad: bool = False
 ) -> tuple[TrimState, Any, Any, tuple[int, ...]]:
     """Forward pass of the trimmed cross-entropy.
 
@@ -197,6 +200,9 @@ def trimmed_cross_entropy_forward(
     target : integer class indices ``[B]`` or ``[B, d1, ...]`` (numpy or torch on the logits' device), each in
         ``[0, C)`` or equal to ``ignore_index``.
     trim : share of the valid rows to drop, in ``[0, 1)``.
+    eager_grad : on the CPU, for float32 logits with unit class stride, also write ``exp(x − row_max)`` into a new
+        gradient buffer during the forward pass (``state.grad``), which the backward pass then finishes in place
+        without reading the logits again ("fused" forward + backward). Ignored where unavailable.
 
     Returns
     -------
@@ -229,14 +235,19 @@ def trimmed_cross_entropy_forward(
     t_np = t.numpy() if is_torch_tensor(t) else t
     n_valid = _count_valid(t_np, n_classes, ignore_index)
     k = keep_count(n_valid, trim)
-    total, loss, row_max, log_sum, keep = _core.trimmed_cross_entropy_forward(arr, t_np, ignore_index, k)
+    grad = np.empty_like(arr) if eager_grad and arr.dtype == np.float32 and arr.strides[1] == 4 else None
+    total, loss, row_max, log_sum, keep, eager = _core.trimmed_cross_entropy_forward(arr, t_np, ignore_index, k, grad)
+    grad = grad if eager else None
     keep = keep.view(np.bool_)
     if is_torch_tensor(logits):
         import torch
 
         loss, row_max, log_sum = (torch.from_numpy(a) for a in (loss, row_max, log_sum))
         keep = torch.from_numpy(keep)
-    state = TrimState(loss=loss, keep=keep, total=float(total), k=k, n_valid=n_valid, row_max=row_max, log_sum=log_sum)
+        grad = None if grad is None else torch.from_numpy(grad)
+    state = TrimState(
+        loss=loss, keep=keep, total=float(total), k=k, n_valid=n_valid, row_max=row_max, log_sum=log_sum, grad=grad
+    )
     return state, x3, t, row_shape
 
 
@@ -308,13 +319,18 @@ def trimmed_cross_entropy_backward(x3: Any, t: Any, state: TrimState, scale: Any
         return grad
     arr = _host_logits(x3)
     as_np = (lambda a: a.numpy()) if is_torch_tensor(x3) else (lambda a: a)
-    grad = np.empty_like(arr)
     s = np.ascontiguousarray(as_np(scale) if is_torch_tensor(scale) else scale, dtype=np.float64).reshape(-1)
     t_np = t.numpy() if is_torch_tensor(t) else t
     keep = as_np(state.keep).view(np.uint8)
-    _core.trimmed_cross_entropy_backward(
-        arr, t_np, as_np(state.row_max), as_np(state.log_sum), keep, s, float(factor), grad
-    )
+    if state.grad is not None:  # filled by the forward pass: finished in place (it can be used once)
+        grad = as_np(state.grad)
+        state.grad = None
+        _core.trimmed_cross_entropy_backward_eager(t_np, as_np(state.log_sum), keep, s, float(factor), grad)
+    else:
+        grad = np.empty_like(arr)
+        _core.trimmed_cross_entropy_backward(
+            arr, t_np, as_np(state.row_max), as_np(state.log_sum), keep, s, float(factor), grad
+        )
     if is_torch_tensor(x3):
         import torch
 
