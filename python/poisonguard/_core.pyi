@@ -74,8 +74,22 @@ def build_info() -> dict[str, Any]: ...
 
 # -- trimmed cross-entropy (csrc/bind_trim.cpp) ------------------------------------------------------------------
 def trimmed_cross_entropy_forward(
-    logits: npt.NDArray[Any], target: npt.NDArray[np.int64], ignore_index: int, k: int
-) -> tuple[float, npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.uint8]]: ...
+    logits: npt.NDArray[Any],
+    target: npt.NDArray[np.int64],
+    ignore_index: int,
+    k: int,
+    eager_grad: npt.NDArray[np.float32] | None = None,
+) -> tuple[
+    float, npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.uint8], bool
+]: ...
+def trimmed_cross_entropy_backward_eager(
+    target: npt.NDArray[np.int64],
+    log_sum: npt.NDArray[np.float64],
+    keep: npt.NDArray[np.uint8],
+    scale: npt.NDArray[np.float64],
+    factor: float,
+    grad: npt.NDArray[np.float32],
+) -> None: ...
 def trimmed_cross_entropy_backward(
     logits: npt.NDArray[Any],
     target: npt.NDArray[np.int64],
