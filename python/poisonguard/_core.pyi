@@ -99,3 +99,73 @@ def blas_set_num_threads(n: int) -> None: ...
 def built_with_cuda() -> bool: ...
 def cuda_device_count() -> int: ...
 def build_info() -> dict[str, Any]: ...
+
+# -- trimmed cross-entropy (csrc/bind_trim.cpp) ------------------------------------------------------------------
+def trimmed_cross_entropy_forward(
+    logits: npt.NDArray[Any],
+    target: npt.NDArray[np.int64],
+    ignore_index: int,
+    k: int,
+    eager_grad: npt.NDArray[np.float32] | None = None,
+) -> tuple[
+    float, npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.uint8], bool
+]: ...
+def trimmed_cross_entropy_backward_eager(
+    target: npt.NDArray[np.int64],
+    log_sum: npt.NDArray[np.float64],
+    keep: npt.NDArray[np.uint8],
+    scale: npt.NDArray[np.float64],
+    factor: float,
+    grad: npt.NDArray[np.float32],
+) -> None: ...
+def trimmed_cross_entropy_backward(
+    logits: npt.NDArray[Any],
+    target: npt.NDArray[np.int64],
+    row_max: npt.NDArray[np.float64],
+    log_sum: npt.NDArray[np.float64],
+    keep: npt.NDArray[np.uint8],
+    scale: npt.NDArray[np.float64],
+    factor: float,
+    grad: npt.NDArray[Any],
+) -> None: ...
+def trimmed_cross_entropy_forward_cuda(
+    ptr: int,
+    batch: int,
+    classes: int,
+    positions: int,
+    stride_b: int,
+    stride_c: int,
+    stride_p: int,
+    dtype: int,
+    target: int,
+    ignore_index: int,
+    k: int,
+    loss: int,
+    row_max: int,
+    log_sum: int,
+    keep: int,
+    total: int,
+    stream: int,
+) -> None: ...
+def trimmed_cross_entropy_backward_cuda(
+    ptr: int,
+    batch: int,
+    classes: int,
+    positions: int,
+    stride_b: int,
+    stride_c: int,
+    stride_p: int,
+    dtype: int,
+    target: int,
+    row_max: int,
+    log_sum: int,
+    keep: int,
+    scale: int,
+    scale_stride: int,
+    factor: float,
+    grad: int,
+    grad_stride_b: int,
+    grad_stride_c: int,
+    grad_stride_p: int,
+    stream: int,
+) -> None: ...

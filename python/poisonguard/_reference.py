@@ -102,3 +102,51 @@ def subspace_error(v_est: np.ndarray, v_ref: np.ndarray) -> float:
     qb, _ = np.linalg.qr(np.asarray(v_ref, dtype=np.float64))
     s = np.linalg.svd(qa.T @ qb, compute_uv=False)
     return float(np.sqrt(max(0.0, 1.0 - float(s.min()) ** 2)))
+
+
+# -- trimmed cross-entropy (ops/trim.py, torch/trim.py) ----------------------------------------------------------
+
+
+def _trimmed_cross_entropy(logits, target, trim: float, ignore_index: int = -100, reduction: str = "mean"):
+    """float64: ``(value, grad [logits' shape], keep [target's shape])`` of the trimmed cross-entropy.
+
+    Rows: samples of ``[B, C]`` logits or positions of ``[B, C, d1, ...]``. Rows with ``target == ignore_index`` are
+    excluded; of the ``n_valid`` others the ``k = ceil((1 − trim) · n_valid)`` with the smallest loss are kept, equal
+    losses keeping the lower row index (a stable sort). ``value``: mean (0 with no valid row), sum, or per-row
+    losses with dropped rows 0 (``"none"``); ``grad`` is d(sum of value · 1)/d logits, i.e. the gradient for a
+    unit upstream gradient (all ones for ``"none"``).
+    """
+    import math
+
+    x = _to_float64(logits)
+    t = np.asarray(_to_float64(target), dtype=np.int64)
+    b, c = x.shape[:2]
+    npos = int(np.prod(x.shape[2:], dtype=np.int64))
+    xr = np.moveaxis(x.reshape(b, c, npos), 1, 2).reshape(-1, c)  # [n, C], rows in (b, position) order
+    tr = t.reshape(-1)
+    n = xr.shape[0]
+    valid = tr != ignore_index
+    n_valid = int(valid.sum())
+    drop_f = trim * n_valid
+    drop = round(drop_f) if abs(drop_f - round(drop_f)) <= 1e-9 * max(1.0, drop_f) else math.floor(drop_f)
+    k = n_valid - min(drop, max(n_valid - 1, 0))
+    m = xr.max(axis=1, keepdims=True) if c else np.zeros((n, 1))
+    lse = (m + np.log(np.exp(xr - m).sum(axis=1, keepdims=True)))[:, 0]
+    safe_t = np.where(valid, tr, 0)
+    loss = np.where(valid, lse - xr[np.arange(n), safe_t], 0.0)
+    idx = np.flatnonzero(valid)
+    order = idx[np.argsort(loss[idx], kind="stable")]
+    keep = np.zeros(n, dtype=bool)
+    keep[order[:k]] = True
+    p = np.exp(xr - lse[:, None])
+    p[np.arange(n), safe_t] -= 1.0
+    p[~keep] = 0.0
+    if reduction == "mean":
+        value = loss[keep].sum() / k if k else 0.0
+        p = p / k if k else p
+    elif reduction == "sum":
+        value = loss[keep].sum()
+    else:
+        value = np.where(keep, loss, 0.0).reshape(t.shape)
+    grad = np.moveaxis(p.reshape(b, npos, c), 2, 1).reshape(x.shape)
+    return value, grad, keep.reshape(t.shape)

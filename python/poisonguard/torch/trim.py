@@ -1,0 +1,188 @@
+"""Trimmed cross-entropy for PyTorch: an autograd Function over the fused C++/CUDA kernel, a drop-in module for
+``nn.CrossEntropyLoss``, and :func:`trimmed_loss` for any criterion with ``reduction="none"``.
+
+Definitions (shared by all three):
+
+* a *row* is a sample of ``[B, C]`` logits, or one position ``(b, i1, ..., ik)`` of ``[B, C, d1, ..., dk]`` logits
+  (as :func:`torch.nn.functional.cross_entropy` treats them); trimming ranks all rows of the call together;
+* rows whose target is ``ignore_index`` are excluded first; of the ``n_valid`` others the
+  ``k = ceil((1 − trim) · n_valid)`` rows with the smallest loss are kept, equal losses keeping the lower row index;
+* ``reduction="mean"``: sum of the kept losses / k; ``"sum"``: their sum; ``"none"``: per-row losses in the target's
+  shape with dropped and ignored rows set to 0. With no valid row (empty batch, or every target ignored) "mean" is
+  0 with a zero gradient (``F.cross_entropy`` gives NaN there; a NaN would poison a training run);
+* ``trim=0`` is plain cross-entropy; ``trim`` must be in ``[0, 1)``;
+* on the CPU, logits with NaN or +inf in a valid row raise ValueError (−inf is allowed, e.g. masked classes; a
+  target at −inf has an infinite loss, which trimming drops first). On CUDA no error can be raised without waiting
+  for the device: such a row gets a NaN loss, ranked above every other, so trimming drops it first and a kept one
+  makes the loss NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..ops.trim import check_trim, keep_count, trimmed_cross_entropy_backward, trimmed_cross_entropy_forward
+
+_REDUCTIONS = ("mean", "sum", "none")
+# Fill the gradient in the forward pass when the logits need one (CPU, float32, unit class stride): one read of the
+# logits and one exp per element instead of two, for a read + write of the gradient more. Off by default: no
+# consistent difference was measured (bench/RESULTS_trim.md), and it holds the [n, C] gradient from the forward pass
+# to the backward pass.
+EAGER_GRADIENT = False
+
+
+def _check_reduction(reduction: Any) -> str:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+class _TrimmedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, trim, reduction, ignore_index):  # type: ignore[override]
+        eager = EAGER_GRADIENT and ctx.needs_input_grad[0]
+        state, x3, t, row_shape = trimmed_cross_entropy_forward(
+            logits, target, trim, ignore_index=ignore_index, eager_grad=eager
+        )
+        ctx.save_for_backward(x3, t, state.row_max, state.log_sum, state.keep)
+        ctx.eager = state.grad  # an intermediate buffer, finished in place by backward (or None)
+        ctx.k = state.k
+        ctx.reduction = reduction
+        ctx.shape = tuple(logits.shape)
+        keep = state.keep.view(row_shape)
+        if reduction == "none":
+            out = torch.where(state.keep, state.loss, torch.zeros((), dtype=torch.float64, device=state.loss.device))
+            out = out.to(logits.dtype).view(row_shape)
+        else:
+            total = torch.as_tensor(state.total, dtype=torch.float64, device=logits.device)
+            if reduction == "mean":
+                total = total / state.k if state.k else torch.zeros((), dtype=torch.float64, device=logits.device)
+            out = total.to(logits.dtype)
+        ctx.mark_non_differentiable(keep)
+        return out, keep
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_keep):  # type: ignore[override]
+        x3, t, row_max, log_sum, keep = ctx.saved_tensors
+        from ..ops.trim import TrimState
+
+        state = TrimState(
+            loss=None, keep=keep, total=None, k=ctx.k, n_valid=-1, row_max=row_max, log_sum=log_sum, grad=ctx.eager
+        )
+        ctx.eager = None
+        scale = grad_out.detach().reshape(-1).to(torch.float64)
+        factor = (1.0 / ctx.k if ctx.k else 0.0) if ctx.reduction == "mean" else 1.0
+        grad = trimmed_cross_entropy_backward(x3, t, state, scale, factor)
+        return grad.view(ctx.shape), None, None, None, None
+
+
+def trimmed_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    trim: float = 0.1,
+    *,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    return_kept: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over the ``1 − trim`` share of rows with the smallest loss (fused forward and backward).
+
+    Parameters
+    ----------
+    logits : ``[B, C]`` or ``[B, C, d1, ...]`` tensor; float32/float64 on the CPU, float16/bfloat16/float32/float64
+        on CUDA. Read in place through its strides (transposed and sliced views included: no copy).
+    target : integer class indices ``[B]`` or ``[B, d1, ...]`` on the same device, each in ``[0, C)`` or
+        ``ignore_index`` (converted to contiguous int64 when it is not already: a copy of ``n`` integers).
+    trim : share of the valid rows to drop, in ``[0, 1)``.
+    reduction : "mean" (default), "sum" or "none" (see the module docstring).
+    return_kept : also return the bool mask of kept rows (shape of ``target``).
+
+    The gradient is ``(softmax − onehot) · grad_output / k`` on the kept rows ("mean") and exactly 0 on the others,
+    written in one pass into a tensor like ``logits``; nothing of size ``[n, C]`` is allocated besides it. Its value
+    and gradient match ``F.cross_entropy(reduction="none")`` + selection of the k smallest + mean. Only first
+    derivatives are supported. On CUDA, validating the targets synchronises once with the host.
+    """
+    check_trim(trim)
+    _check_reduction(reduction)
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError(
+            f"logits and target must be torch tensors, got {type(logits).__name__} and {type(target).__name__}"
+        )
+    out, keep = _TrimmedCrossEntropy.apply(logits, target, float(trim), reduction, ignore_index)
+    return (out, keep) if return_kept else out
+
+
+class TrimmedCrossEntropyLoss(torch.nn.Module):
+    """Drop-in for :class:`torch.nn.CrossEntropyLoss` that averages over the ``1 − trim`` share of rows with the
+    smallest loss (see :func:`trimmed_cross_entropy`). ``weight`` and ``label_smoothing`` are accepted for signature
+    compatibility but only their defaults are supported (ValueError otherwise). After each call, ``kept_`` holds the
+    bool mask of the rows kept in it.
+    """
+
+    def __init__(
+        self,
+        trim: float = 0.1,
+        *,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if weight is not None:
+            raise ValueError("TrimmedCrossEntropyLoss does not support class weights (weight must be None)")
+        if label_smoothing != 0.0:
+            raise ValueError(f"TrimmedCrossEntropyLoss does not support label smoothing, got {label_smoothing}")
+        self.trim = check_trim(trim)
+        self.ignore_index = int(ignore_index)
+        self.reduction = _check_reduction(reduction)
+        self.kept_: torch.Tensor | None = None
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        out, keep = trimmed_cross_entropy(
+            input, target, self.trim, reduction=self.reduction, ignore_index=self.ignore_index, return_kept=True
+        )
+        self.kept_ = keep
+        return out
+
+    def extra_repr(self) -> str:
+        return f"trim={self.trim}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+
+
+def trimmed_loss(
+    per_sample_losses: torch.Tensor, trim: float = 0.1, *, reduction: str = "mean", return_kept: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Trims any per-sample loss (a criterion's output with ``reduction="none"``, any shape: every element is a row).
+
+    Keeps the ``k = ceil((1 − trim) · n)`` smallest values (equal values keep the lower flat index; NaN counts as
+    the largest) and reduces them: "mean" (0 for an empty input), "sum", or "none" (same shape, dropped entries 0).
+    Differentiable through the kept entries; the selection is a stable sort of the detached values.
+    """
+    trim = check_trim(trim)
+    _check_reduction(reduction)
+    if not isinstance(per_sample_losses, torch.Tensor):
+        raise TypeError(f"per_sample_losses must be a torch tensor, got {type(per_sample_losses).__name__}")
+    if not (per_sample_losses.dtype.is_floating_point):
+        raise TypeError(f"per_sample_losses must be floating point, got {per_sample_losses.dtype}")
+    flat = per_sample_losses.reshape(-1)
+    n = flat.numel()
+    k = keep_count(n, trim)
+    order = torch.sort(flat.detach(), stable=True).indices
+    keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    keep[order[:k]] = True
+    kept = torch.where(keep, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+    if reduction == "none":
+        out = kept.view(per_sample_losses.shape)
+    elif reduction == "sum":
+        out = kept.sum()
+    else:
+        out = kept.sum() / k if k else kept.sum() * 0.0
+    keep = keep.view(per_sample_losses.shape)
+    return (out, keep) if return_kept else out
+
+
+__all__ = ["TrimmedCrossEntropyLoss", "trimmed_cross_entropy", "trimmed_loss"]
