@@ -145,7 +145,7 @@ def main() -> None:
         solver = r.get("solver")
         how = f"  {solver['solver']}, {solver['passes']} passes, residual {solver['residual']:.1e}" if solver else ""
         print(
-            f"{name:<28} {r['seconds']:8.1f} s  {r['rows'] / r['seconds'] / 1e6:6.2f} M rows/s  "
+            f"{name:<28} {r['seconds']:8.1f} s  {r['rows'] / r['seconds'] / 1e3:8.1f} k rows/s  "
             f"peak RSS {r['peak'] / 2**20:6.0f} MiB (+{extra_mb:.0f} over import){how}"
         )
     if not fits:

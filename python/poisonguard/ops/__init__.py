@@ -3,5 +3,15 @@
 from .covariance import StreamingCovariance
 from .projection import project_scores, segmented_power_pass
 from .svd import randomized_svd, svd_method, top_eigh
+from .trim import trimmed_cross_entropy_backward, trimmed_cross_entropy_forward
 
-__all__ = ["StreamingCovariance", "project_scores", "randomized_svd", "segmented_power_pass", "svd_method", "top_eigh"]
+__all__ = [
+    "StreamingCovariance",
+    "project_scores",
+    "randomized_svd",
+    "segmented_power_pass",
+    "svd_method",
+    "top_eigh",
+    "trimmed_cross_entropy_backward",
+    "trimmed_cross_entropy_forward",
+]
