@@ -84,3 +84,77 @@ def subspace_error(v_est: np.ndarray, v_ref: np.ndarray) -> float:
     qb, _ = np.linalg.qr(np.asarray(v_ref, dtype=np.float64))
     s = np.linalg.svd(qa.T @ qb, compute_uv=False)
     return float(np.sqrt(max(0.0, 1.0 - float(s.min()) ** 2)))
+
+
+# -- activation clustering: the four cluster rules of ART's ClusteringAnalyzer (1.20), and the silhouette -------------
+# Each takes the cluster ids of one class's samples and returns the per-sample poison flags (True = poison).
+
+
+def _cluster_smaller(clusters) -> np.ndarray:
+    """The least populated cluster (lowest id on ties) is poison."""
+    clusters = np.asarray(clusters, dtype=np.int64)
+    sizes = [int(np.sum(clusters == j)) for j in range(int(clusters.max()) + 1)]
+    smallest = sizes.index(min(sizes))
+    return clusters == smallest
+
+
+def _cluster_relative_size(clusters, size_threshold: float = 0.35) -> np.ndarray:
+    """Clusters whose share of the class, rounded to 2 decimals, is below ``size_threshold`` (rounded the same)."""
+    clusters = np.asarray(clusters, dtype=np.int64)
+    flags = np.zeros(len(clusters), dtype=bool)
+    for j in range(int(clusters.max()) + 1):
+        share = round(float(np.sum(clusters == j)) / len(clusters), 2)
+        if share < round(size_threshold, 2):
+            flags |= clusters == j
+    return flags
+
+
+def _silhouette(x, labels) -> float:
+    """Mean silhouette coefficient over all samples, every pairwise distance (O(n²)): a sample alone in its
+    cluster scores 0."""
+    x = _to_float64(x)
+    labels = np.asarray(labels)
+    n = len(x)
+    dist = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(axis=2))
+    ids = np.unique(labels)
+    s = np.zeros(n)
+    for i in range(n):
+        own = labels == labels[i]
+        if own.sum() <= 1:
+            continue
+        a = dist[i, own].sum() / (own.sum() - 1)
+        b = min(dist[i, labels == j].mean() for j in ids if j != labels[i])
+        s[i] = (b - a) / max(a, b) if max(a, b) > 0 else 0.0
+    return float(s.mean())
+
+
+def _cluster_silhouette(clusters, reduced, size_threshold: float = 0.35, silhouette_threshold: float = 0.1):
+    """The relative-size flags, kept only when the class's mean silhouette (4 decimals) exceeds the threshold."""
+    flags = _cluster_relative_size(clusters, size_threshold)
+    if not round(_silhouette(reduced, clusters), 4) > round(silhouette_threshold, 4):
+        flags[:] = False
+    return flags
+
+
+def _cluster_distance(clusters_by_class, reduced_by_class) -> list:
+    """Two clusters per class; centres are coordinate-wise medians. Cluster j of class c is poison when for some
+    other class k its median is nearer k's median than c's, while the other cluster's median is farther from k's
+    than from c's."""
+    centres = [np.median(_to_float64(r), axis=0) for r in reduced_by_class]
+    out = []
+    for c, (clusters, red) in enumerate(zip(clusters_by_class, reduced_by_class)):
+        clusters = np.asarray(clusters)
+        red = _to_float64(red)
+        med = [np.median(red[clusters == j], axis=0) for j in (0, 1)]
+        own = [np.linalg.norm(m - centres[c]) for m in med]
+        poison = [False, False]
+        for k, centre in enumerate(centres):
+            if k == c:
+                continue
+            other = [np.linalg.norm(m - centre) for m in med]
+            if other[0] < own[0] and other[1] > own[1]:
+                poison[0] = True
+            if other[1] < own[1] and other[0] > own[0]:
+                poison[1] = True
+        out.append(np.array([poison[j] for j in clusters], dtype=bool))
+    return out
