@@ -158,3 +158,58 @@ def _cluster_distance(clusters_by_class, reduced_by_class) -> list:
                 poison[1] = True
         out.append(np.array([poison[j] for j in clusters], dtype=bool))
     return out
+
+
+# -- density clustering (poisonguard.cluster) ----------------------------------------------------------------------
+def _connected_components(n: int, edges) -> np.ndarray:
+    """Components of the graph on ``n`` nodes with edges ``[e, 2]``, numbered by their smallest node (scipy)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    g = coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n))
+    _, lab = connected_components(g, directed=False)
+    first = np.full(lab.max() + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(first, lab, np.arange(n))
+    rank = np.empty_like(first)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[lab]
+
+
+def _border_labels(n: int, neighbours: list, core_label) -> np.ndarray:
+    """For row ``r`` with neighbour list ``neighbours[r]`` (indices into ``core_label``): the smallest
+    ``core_label >= 0`` among them, else -1."""
+    core_label = np.asarray(core_label)
+    out = np.full(n, -1, dtype=np.int64)
+    for r in range(n):
+        c = core_label[np.asarray(neighbours[r], dtype=np.int64)] if len(neighbours[r]) else np.zeros(0, np.int64)
+        c = c[c >= 0]
+        if len(c):
+            out[r] = c.min()
+    return out
+
+
+def _dbscan(x, eps: float, min_samples: int, metric: str = "l2") -> tuple:
+    """DBSCAN in float64 by brute force: ``(labels [n], core [n])``. Core: at least ``min_samples`` rows (itself
+    included) within ``eps``; clusters: components of core rows within ``eps`` numbered by smallest core member; a
+    border row takes the smallest cluster number among its core neighbours."""
+    from scipy.spatial.distance import cdist
+
+    x = _to_float64(x)
+    n = len(x)
+    dist = cdist(x, x, "cosine" if metric == "cosine" else "euclidean")
+    near = dist <= eps
+    core = near.sum(1) >= min_samples
+    ci = np.flatnonzero(core)
+    sub = near[np.ix_(ci, ci)]
+    a, b = np.nonzero(sub)
+    comp = _connected_components(len(ci), np.stack([a, b], 1))
+    core_label = np.full(n, -1, dtype=np.int64)
+    core_label[ci] = comp
+    labels = core_label.copy()
+    for r in np.flatnonzero(~core):
+        c = core_label[near[r]]
+        c = c[c >= 0]
+        if len(c):
+            labels[r] = c.min()
+    return labels, core
