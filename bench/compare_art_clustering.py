@@ -199,7 +199,8 @@ def markdown(results: list[dict], command: str) -> str:
         ]
         for r in res["rows"]:
             if "error" in r:
-                lines.append(f"| {r['method']} | crash: `{r['error']}` |" + " |" * (len(COLUMNS) - 2))
+                err = r["error"].replace("`", "'")
+                lines.append(f"| {r['method']} | crash: {err} |" + " |" * (len(COLUMNS) - 2))
             else:
                 lines.append("| " + " | ".join(str(get(r)) for _, get in COLUMNS) + " |")
         if res["agreement"] is not None:

@@ -261,6 +261,17 @@ def test_half_poisoned_class_is_not_cut_in_the_wrong_half():
     assert det.report()["separated_unflagged_classes"] == [0]  # ... but the split is reported
 
 
+def test_art_preset_is_sklearn_pca_and_kmeans_seed_for_seed():
+    rng = np.random.default_rng(16)
+    x, y, _ = _classes(rng, n=1500, d=16, g=3, sub=(1, 90, 6.0))
+    for seed in (0, 1):
+        det = ActivationClustering(preset="art", seed=seed).fit(x, y)
+        for c in range(3):
+            with threadpool_limits(1):
+                ref = KMeans(2, random_state=seed).fit_predict(_pca_by_class(x, y, c, 10))
+            assert adjusted_rand_score(det.clusters_[y == c], ref) == pytest.approx(1.0)
+
+
 def test_art_preset_matches_art_defence_when_installed():
     pytest.importorskip("art")
     from art.defences.detector.poison import ActivationDefence
