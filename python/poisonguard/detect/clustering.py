@@ -188,12 +188,14 @@ def _kmeans_faiss(z: np.ndarray, k: int, seed: int, fit_rows: int) -> np.ndarray
 
 
 def _kmeans_sklearn(z: np.ndarray, k: int, seed: int) -> np.ndarray:
-    from sklearn.cluster import KMeans
+    try:
+        from sklearn.cluster import KMeans
+        from sklearn.exceptions import ConvergenceWarning
+        from threadpoolctl import threadpool_limits
+    except ImportError as exc:
+        raise ImportError("preset='art' clusters with scikit-learn's KMeans, as ART: pip install scikit-learn") from exc
 
     # ART 1.20 calls KMeans(n_clusters=k) with sklearn's other defaults; only the seed is fixed here.
-    from sklearn.exceptions import ConvergenceWarning
-    from threadpoolctl import threadpool_limits
-
     with warnings.catch_warnings(), threadpool_limits(1 if z.size < _FAISS_SERIAL_BELOW else None, "openmp"):
         warnings.simplefilter("ignore", ConvergenceWarning)  # fewer distinct points than clusters: fewer clusters
         return KMeans(n_clusters=k, random_state=seed).fit_predict(z).astype(np.int64)
