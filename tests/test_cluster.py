@@ -317,6 +317,9 @@ def test_stream_eps_none_and_edges(tmp_path):
     assert 0.5 * mem.eps_ < st.eps_ < 2.0 * mem.eps_
     assert "sample" in st.report()["eps_source"]
     assert adjusted_rand_score(mem.labels_, st.labels_) >= 0.9
+    ivf = DensityClustering(eps=mem.eps_, min_samples=8, mode="stream", n_cells=1100).fit(x)  # IVF assignment
+    assert ivf.report()["stream"]["n_cells"] == 1100
+    assert adjusted_rand_score(mem.labels_, ivf.labels_) >= 0.95
     empty = DensityClustering(eps=1.0, mode="stream").fit(np.zeros((0, 4), np.float32))
     assert empty.labels_.shape == (0,) and empty.n_clusters_ == 0
     bad = x.copy()

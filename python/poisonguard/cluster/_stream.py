@@ -4,7 +4,8 @@
    ``sample_rows`` evenly spaced rows (default ``min(n, max(30 n_cells, 50 000))``; rows are read directly from
    arrays and memory maps, by one extra pass from other sources). ``eps=None`` is read from the knee of the sample's
    k-distance curve (k = ``min_samples`` scaled to the sample, at least 2; radius rescaled to the full density).
-2. **Pass 1** assigns each row to its ``probe = min(8, n_cells)`` nearest centroids and accumulates, per cell: the
+2. **Pass 1** assigns each row to its ``probe = min(8, n_cells)`` nearest centroids (from 1024 cells on, found
+   through an IVF index over the centroids, ``sqrt(n_cells)`` lists of which ``max(4, lists // 8)`` are probed) and accumulates, per cell: the
    rows it holds (nearest centroid), their sum (mean) and squared distances (RMS radius), its *density*, i.e. the
    rows within ``eps`` of the centroid (counted over every row's probed centroids), and, per pair of cells, the rows
    within ``eps`` of both centroids (*witnesses*).
@@ -40,6 +41,8 @@ from ..sources.arrays import ArraySource, TensorSource, _PageReleaser
 from .density import _chunk_float32, knee
 
 _MAX_PROBE = 8
+# From this many cells on, rows are assigned through an IVF index over the centroids (see _assigner).
+_IVF_CELLS = 1024
 # Rows within eps of both centroids that join two core cells (measured: 1 keeps clusters whole; min_samples split
 # them into many pieces when cells are about eps wide).
 _WITNESS_MIN = 1
@@ -88,8 +91,9 @@ def fit_stream(dc: Any, faiss: Any, src: Any) -> None:
     )
     km.train(sample)
     centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
-    quant = faiss.IndexFlatL2(d)
-    quant.add(centroids)
+    flat = faiss.IndexFlatL2(d)
+    flat.add(centroids)
+    quant = _assigner(faiss, centroids) if n_cells >= _IVF_CELLS else flat
     stages["sample_kmeans"] = time.perf_counter() - t
 
     if dc.eps is None:
@@ -129,7 +133,7 @@ def fit_stream(dc: Any, faiss: Any, src: Any) -> None:
     # -- weighted DBSCAN on the cells --------------------------------------------------------------------------------
     t = time.perf_counter()
     core = dens >= ms
-    lims, _, nb = quant.range_search(centroids, float(np.nextafter(r2, np.float32(np.inf))))
+    lims, _, nb = flat.range_search(centroids, float(np.nextafter(r2, np.float32(np.inf))))
     src_ids = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(lims.astype(np.int64)))
     near_edges = np.stack([src_ids, nb], axis=1)
     wa, wb, wc = pairs.result()
@@ -227,6 +231,19 @@ class _PairCounter:
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         self._merge()
         return self.codes // self.g, self.codes % self.g, self.counts
+
+
+def _assigner(faiss: Any, centroids: np.ndarray) -> Any:
+    """An IVF index over the centroids: a row is compared with the centroids of the few lists nearest to it instead
+    of all of them (approximate: a row may miss its nearest centroid when that one sits in a list not probed)."""
+    g, d = centroids.shape
+    nlist = int(round(np.sqrt(g)))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+    index.cp.min_points_per_centroid = 1
+    index.train(centroids)
+    index.add(centroids)
+    index.nprobe = max(4, nlist // 8)
+    return index
 
 
 def _sample(src: Any, m: int) -> tuple[np.ndarray, bool]:
