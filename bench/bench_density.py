@@ -48,7 +48,7 @@ def ari(a: np.ndarray, b: np.ndarray) -> float:
     return float(adjusted_rand_score(a, b))
 
 
-# -- in memory vs scikit-learn ------------------------------------------------------------------------------------------
+# -- in memory vs scikit-learn -----------------------------------------------------------------------------------------
 def part_memory(args: argparse.Namespace) -> None:
     from sklearn.cluster import DBSCAN
 
@@ -86,7 +86,7 @@ def part_memory(args: argparse.Namespace) -> None:
     record("dbscan_memory", size, "sklearn", {"median": t_sk, "p20": t_sk, "p80": t_sk}, f"ratio {ratio:.1f}")
 
 
-# -- data -------------------------------------------------------------------------------------------------------------------
+# -- data --------------------------------------------------------------------------------------------------------------
 def data_path(n: int, d: int) -> Path:
     return DATA / f"gm_{n}x{d}.npy"
 
@@ -110,7 +110,7 @@ def part_generate(args: argparse.Namespace) -> None:
     print(f"wrote {path} ({n * d * 4 / 1e9:.1f} GB) in {time.perf_counter() - t0:.0f} s")
 
 
-# -- out of core ------------------------------------------------------------------------------------------------------------
+# -- out of core -------------------------------------------------------------------------------------------------------
 def _stream_child(args: argparse.Namespace) -> None:
     import psutil
 

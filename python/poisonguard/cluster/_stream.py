@@ -5,7 +5,8 @@
    arrays and memory maps, by one extra pass from other sources). ``eps=None`` is read from the knee of the sample's
    k-distance curve (k = ``min_samples`` scaled to the sample, at least 2; radius rescaled to the full density).
 2. **Pass 1** assigns each row to its ``probe = min(8, n_cells)`` nearest centroids (from 1024 cells on, found
-   through an IVF index over the centroids, ``sqrt(n_cells)`` lists of which ``max(4, lists // 8)`` are probed) and accumulates, per cell: the
+   through an IVF index over the centroids, ``sqrt(n_cells)`` lists of which ``max(4, lists // 8)`` are probed) and
+   accumulates, per cell: the
    rows it holds (nearest centroid), their sum (mean) and squared distances (RMS radius), its *density*, i.e. the
    rows within ``eps`` of the centroid (counted over every row's probed centroids), and, per pair of cells, the rows
    within ``eps`` of both centroids (*witnesses*).
@@ -237,7 +238,7 @@ def _assigner(faiss: Any, centroids: np.ndarray) -> Any:
     """An IVF index over the centroids: a row is compared with the centroids of the few lists nearest to it instead
     of all of them (approximate: a row may miss its nearest centroid when that one sits in a list not probed)."""
     g, d = centroids.shape
-    nlist = int(round(np.sqrt(g)))
+    nlist = round(float(np.sqrt(g)))
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
     index.cp.min_points_per_centroid = 1
     index.train(centroids)

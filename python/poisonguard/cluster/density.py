@@ -74,8 +74,9 @@ class DensityClustering:
     index : {"auto", "flat", "ivf"}
         FAISS index. ``"flat"``: exact. ``"ivf"``: IndexIVFFlat, approximate (a neighbour in a cell that is not
         probed is missed, so a few rows may turn noise or clusters split); ``nlist = 4 sqrt(n)`` cells, ``nprobe``
-        probed (default ``max(16, nlist // 64)``). ``"auto"``: flat up to 50 000 rows, IVF above. With faiss-gpu and a GPU (``faiss.get_num_gpus()``)
-        the k-NN step of a flat index runs on the GPU; FAISS has no GPU range search, so those stay on the CPU.
+        probed (default ``max(16, nlist // 64)``). ``"auto"``: flat up to 50 000 rows, IVF above. With faiss-gpu and a
+        GPU (``faiss.get_num_gpus()``) the k-NN step of a flat index runs on the GPU; FAISS has no GPU range search,
+        so those stay on the CPU.
     seed : int
         Seeds the IVF training sample and the out-of-core k-means (results are deterministic for a seed).
     mode : {"auto", "memory", "stream"}
