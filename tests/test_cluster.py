@@ -274,3 +274,58 @@ def test_missing_faiss_message(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_faiss)
     with pytest.raises(ImportError, match="pip install faiss-cpu"):
         DensityClustering(eps=1.0)
+
+
+# -- out of core ------------------------------------------------------------------------------------------------------
+def _separated(seed: int, n: int, d: int):
+    """Tight, well separated blobs and 5 % uniform noise: DBSCAN's answer is stable there."""
+    rng = np.random.default_rng(seed)
+    c = rng.uniform(-20, 20, (6, d))
+    m = int(n * 0.95)
+    x = np.vstack([c[rng.integers(0, 6, m)] + 0.5 * rng.standard_normal((m, d)), rng.uniform(-22, 22, (n - m, d))])
+    return x[rng.permutation(n)].astype(np.float32)
+
+
+@pytest.mark.parametrize("d", [3, 8])
+def test_stream_agrees_with_memory(d, tmp_path):
+    x = _separated(12, 4000, d)
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    eps = 0.6 if d == 3 else 1.4
+    mem = DensityClustering(eps=eps, min_samples=8, mode="memory").fit(x)
+    budget = 4096  # bytes: the in-memory estimate exceeds it, so "auto" streams, and the labels go to a file
+    st = DensityClustering(eps=eps, min_samples=8, memory_budget=budget, chunk_rows=1000).fit(str(path))
+    assert st.mode_ == "stream" and st.core_sample_mask_ is None
+    assert isinstance(st.labels_, np.memmap) and st.labels_.dtype == np.int64 and st.labels_.shape == (4000,)
+    assert adjusted_rand_score(mem.labels_, np.asarray(st.labels_)) >= 0.95
+    assert abs(st.n_noise_ - mem.n_noise_) <= 0.02 * len(x)
+    rep = st.report()
+    assert rep["mode"] == "out of core" and rep["index"]["exact"] is False
+    assert rep["stream"]["labels_storage"] == "temporary file" and rep["stream"]["passes_over_source"] == 2
+    sizes = np.bincount(np.asarray(st.labels_)[np.asarray(st.labels_) >= 0])
+    assert rep["cluster_sizes"] == sizes.tolist() and (np.diff(sizes) <= 0).all()
+    # deterministic for a seed; an in-memory array streamed gives the same labels
+    again = DensityClustering(eps=eps, min_samples=8, mode="stream", chunk_rows=777).fit(x)
+    np.testing.assert_array_equal(np.asarray(st.labels_), again.labels_)
+    assert rep["stream"]["labels_storage"] != again.report()["stream"]["labels_storage"]
+
+
+def test_stream_eps_none_and_edges(tmp_path):
+    x = _separated(13, 3000, 4)
+    st = DensityClustering(eps=None, min_samples=8, mode="stream").fit(x)
+    mem = DensityClustering(eps=None, min_samples=8, mode="memory").fit(x)
+    assert 0.5 * mem.eps_ < st.eps_ < 2.0 * mem.eps_
+    assert "sample" in st.report()["eps_source"]
+    assert adjusted_rand_score(mem.labels_, st.labels_) >= 0.9
+    ivf = DensityClustering(eps=mem.eps_, min_samples=8, mode="stream", n_cells=1100).fit(x)  # IVF assignment
+    assert ivf.report()["stream"]["n_cells"] == 1100
+    assert adjusted_rand_score(mem.labels_, ivf.labels_) >= 0.95
+    empty = DensityClustering(eps=1.0, mode="stream").fit(np.zeros((0, 4), np.float32))
+    assert empty.labels_.shape == (0,) and empty.n_clusters_ == 0
+    bad = x.copy()
+    bad[2345, 2] = np.inf
+    with pytest.raises(ValueError, match=r"non-finite.*2345"):
+        DensityClustering(eps=1.0, mode="stream", chunk_rows=1000, sample_rows=10).fit(bad)
+    torch = pytest.importorskip("torch")
+    t = DensityClustering(eps=1.0, min_samples=8, mode="stream").fit(torch.from_numpy(x).to(torch.float64))
+    np.testing.assert_array_equal(t.labels_, DensityClustering(eps=1.0, min_samples=8, mode="stream").fit(x).labels_)

@@ -74,8 +74,9 @@ class DensityClustering:
     index : {"auto", "flat", "ivf"}
         FAISS index. ``"flat"``: exact. ``"ivf"``: IndexIVFFlat, approximate (a neighbour in a cell that is not
         probed is missed, so a few rows may turn noise or clusters split); ``nlist = 4 sqrt(n)`` cells, ``nprobe``
-        probed. ``"auto"``: flat up to 50 000 rows, IVF above. With faiss-gpu and a GPU (``faiss.get_num_gpus()``)
-        the k-NN step of a flat index runs on the GPU; FAISS has no GPU range search, so those stay on the CPU.
+        probed (default ``max(16, nlist // 64)``). ``"auto"``: flat up to 50 000 rows, IVF above. With faiss-gpu and a
+        GPU (``faiss.get_num_gpus()``) the k-NN step of a flat index runs on the GPU; FAISS has no GPU range search,
+        so those stay on the CPU.
     seed : int
         Seeds the IVF training sample and the out-of-core k-means (results are deterministic for a seed).
     mode : {"auto", "memory", "stream"}
@@ -85,7 +86,7 @@ class DensityClustering:
     memory_budget : int
         Bytes, for ``mode="auto"`` and for the out-of-core labels (a temporary memory-mapped file beyond it).
     nprobe : int or None
-        Cells probed by an IVF index (default ``max(8, nlist // 16)``).
+        Cells probed by an IVF index (default ``max(16, nlist // 64)``).
     n_cells, reach, sample_rows : out-of-core parameters, see :func:`poisonguard.cluster._stream.fit_stream`.
     label_order : {"size", "index"}
         Cluster numbering: ``"size"`` = decreasing size, ties by smallest member; ``"index"`` = by smallest core
@@ -353,7 +354,7 @@ class DensityClustering:
             return index, {"kind": "flat", "exact": True}
         base = xb if train_on is None else train_on
         nlist = int(max(1, min(len(base) // 39, round(4 * math.sqrt(len(base))))))
-        nprobe = int(self.nprobe) if self.nprobe is not None else max(8, nlist // 16)
+        nprobe = int(self.nprobe) if self.nprobe is not None else max(16, nlist // 64)
         quantizer = faiss.IndexFlatL2(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist)
         index.cp.seed = int(self.seed)
