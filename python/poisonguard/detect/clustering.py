@@ -487,7 +487,7 @@ class ActivationClustering:
         self._backend = "faiss"
         return _kmeans_faiss(z, self.n_clusters, self.seed, self.fit_rows)
 
-    def _fit_class(self, pr: Projected, c: int) -> _ClassFit | None:
+    def _fit_class(self, pr: Projected, c: int) -> _ClassFit:
         idx, z = self._class_coordinates(pr, c)
         # All rows identical: one cluster, nothing to split.
         flat = np.ptp(z, axis=0).max(initial=0.0) == 0
