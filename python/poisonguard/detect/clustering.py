@@ -323,7 +323,8 @@ class ActivationClustering:
     preset : ``"default"`` | ``"art"``
         ``"default"`` adds a separation gate to every rule: a cluster is flagged only when it also stands apart from
         the class's main (largest) cluster, Ashman's D ≥ ``min_separation`` (default 4.5) of the two clusters'
-        projections on the line between their centroids — so a class with no real sub-population (where k-means
+        projections on the line between their centroids (in the PCA coordinates, also when clustering ran on ICA or
+        UMAP coordinates) — so a class with no real sub-population (where k-means
         merely cuts one blob in two, D ≈ 2.6–2.8) flags nothing. ``"art"`` reproduces ART 1.20's
         ``ActivationDefence``: PCA to ``n_components`` only when ``d > n_components`` (the raw activations
         otherwise), scikit-learn ``KMeans(n_clusters)`` (its defaults, seeded), rule ``"smaller"`` unless
@@ -425,7 +426,8 @@ class ActivationClustering:
         self.seconds_ = time.perf_counter() - t0
         return self
 
-    def _class_coordinates(self, pr: Projected, c: int) -> tuple[np.ndarray, np.ndarray]:
+    def _class_coordinates(self, pr: Projected, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(sample indices, PCA coordinates, the coordinates to cluster)`` of class ``c``."""
         k = int(pr.n_components[c])
         idx, z = pr.class_block(c, k)
         if not np.isfinite(z).all():
@@ -433,12 +435,12 @@ class ActivationClustering:
         d = pr.directions.shape[1]
         if self.preset == "art" and d <= self.n_components:
             # ART clusters the raw activations when they have no more than n_components features.
-            z = z @ pr.directions[c, :, :k].T + pr.means[c]
-        elif self.reduce == "ica":
-            z = self._ica(z)
-        elif self.reduce == "umap":
-            z = self._umap(z)
-        return idx, z
+            return idx, z, z @ pr.directions[c, :, :k].T + pr.means[c]
+        if self.reduce == "ica":
+            return idx, z, self._ica(z)
+        if self.reduce == "umap":
+            return idx, z, self._umap(z)
+        return idx, z, z
 
     def _fit_rows_of(self, z: np.ndarray) -> np.ndarray:
         return z if len(z) <= self.fit_rows else z[np.linspace(0, len(z) - 1, self.fit_rows).astype(np.int64)]
@@ -488,7 +490,7 @@ class ActivationClustering:
         return _kmeans_faiss(z, self.n_clusters, self.seed, self.fit_rows)
 
     def _fit_class(self, pr: Projected, c: int) -> _ClassFit:
-        idx, z = self._class_coordinates(pr, c)
+        idx, z_pca, z = self._class_coordinates(pr, c)
         # All rows identical: one cluster, nothing to split.
         flat = np.ptp(z, axis=0).max(initial=0.0) == 0
         clusters = np.zeros(len(z), dtype=np.int64) if flat else self._cluster(z)
@@ -506,7 +508,9 @@ class ActivationClustering:
             return _ClassFit(idx, clusters, sizes, -1, np.zeros(k), np.nan, np.zeros((k, z.shape[1])),
                              np.median(z, axis=0))  # fmt: skip
         main = int(np.argmax(sizes))
-        sep = _separation(z, clusters, k, main)
+        # The gate is measured in the PCA coordinates whatever the clustering ran on (ICA's unit-variance whitening
+        # or UMAP's embedding would change the scale it was calibrated on).
+        sep = _separation(z_pca, clusters, k, main)
         sil = np.nan
         if self.analysis == "silhouette":
             sil = sampled_silhouette(z, clusters, self.silhouette_rows, self.seed)
