@@ -252,11 +252,16 @@ def _sample(src: Any, m: int) -> tuple[np.ndarray, bool]:
     n = src.n_rows
     rows = np.linspace(0, n - 1, m).round().astype(np.int64)
     if isinstance(src, ArraySource):
-        out = _chunk_float32(src.array[rows])
-        pages = _PageReleaser(src.array)
-        if src.array.size:
-            pages.release(src.array)
-        return np.array(out, dtype=np.float32, order="C", copy=True), False
+        # In batches, each batch's span of a memory map released at once: the kernel maps pages around every faulted
+        # one, so gathering all sampled rows first would map nearly the whole file into this process.
+        arr = src.array
+        pages = _PageReleaser(arr)
+        out = np.empty((m, src.n_features), np.float32)
+        for s in range(0, m, 1024):
+            r = rows[s : s + 1024]
+            out[s : s + len(r)] = _chunk_float32(arr[r])
+            pages.release(arr[r[0] : r[-1] + 1])
+        return out, False
     if isinstance(src, TensorSource):
         return np.array(_chunk_float32(src.tensor[rows]), dtype=np.float32, order="C", copy=True), False
     out = np.empty((m, src.n_features), np.float32)
