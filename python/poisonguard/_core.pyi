@@ -169,3 +169,24 @@ def trimmed_cross_entropy_backward_cuda(
     grad_stride_p: int,
     stream: int,
 ) -> None: ...
+
+# -- cluster (csrc/bind_cluster.cpp) -------------------------------------------------------------------------------
+def uf_union_block(
+    parent: npt.NDArray[np.int64],
+    size: npt.NDArray[np.int64],
+    lims: npt.NDArray[Any],
+    ids: npt.NDArray[np.int64],
+    rows: npt.NDArray[np.int64],
+    core: npt.NDArray[np.uint8],
+) -> int: ...
+def uf_union_edges(parent: npt.NDArray[np.int64], size: npt.NDArray[np.int64], edges: npt.NDArray[np.int64]) -> int: ...
+def uf_components(
+    parent: npt.NDArray[np.int64], size: npt.NDArray[np.int64], mask: npt.NDArray[np.uint8] | None = None
+) -> tuple[npt.NDArray[np.int64], int]: ...
+def border_labels(
+    lims: npt.NDArray[Any],
+    ids: npt.NDArray[np.int64],
+    rows: npt.NDArray[np.int64],
+    core_label: npt.NDArray[np.int64],
+    out: npt.NDArray[np.int64],
+) -> None: ...

@@ -150,3 +150,132 @@ def _trimmed_cross_entropy(logits, target, trim: float, ignore_index: int = -100
         value = np.where(keep, loss, 0.0).reshape(t.shape)
     grad = np.moveaxis(p.reshape(b, npos, c), 2, 1).reshape(x.shape)
     return value, grad, keep.reshape(t.shape)
+
+
+# -- activation clustering: the four cluster rules of ART's ClusteringAnalyzer (1.20), and the silhouette -------------
+# Each takes the cluster ids of one class's samples and returns the per-sample poison flags (True = poison).
+
+
+def _cluster_smaller(clusters) -> np.ndarray:
+    """The least populated cluster (lowest id on ties) is poison."""
+    clusters = np.asarray(clusters, dtype=np.int64)
+    sizes = [int(np.sum(clusters == j)) for j in range(int(clusters.max()) + 1)]
+    smallest = sizes.index(min(sizes))
+    return clusters == smallest
+
+
+def _cluster_relative_size(clusters, size_threshold: float = 0.35) -> np.ndarray:
+    """Clusters whose share of the class, rounded to 2 decimals, is below ``size_threshold`` (rounded the same)."""
+    clusters = np.asarray(clusters, dtype=np.int64)
+    flags = np.zeros(len(clusters), dtype=bool)
+    for j in range(int(clusters.max()) + 1):
+        share = round(float(np.sum(clusters == j)) / len(clusters), 2)
+        if share < round(size_threshold, 2):
+            flags |= clusters == j
+    return flags
+
+
+def _silhouette(x, labels) -> float:
+    """Mean silhouette coefficient over all samples, every pairwise distance (O(n²)): a sample alone in its
+    cluster scores 0."""
+    x = _to_float64(x)
+    labels = np.asarray(labels)
+    n = len(x)
+    dist = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(axis=2))
+    ids = np.unique(labels)
+    s = np.zeros(n)
+    for i in range(n):
+        own = labels == labels[i]
+        if own.sum() <= 1:
+            continue
+        a = dist[i, own].sum() / (own.sum() - 1)
+        b = min(dist[i, labels == j].mean() for j in ids if j != labels[i])
+        s[i] = (b - a) / max(a, b) if max(a, b) > 0 else 0.0
+    return float(s.mean())
+
+
+def _cluster_silhouette(clusters, reduced, size_threshold: float = 0.35, silhouette_threshold: float = 0.1):
+    """The relative-size flags, kept only when the class's mean silhouette (4 decimals) exceeds the threshold."""
+    flags = _cluster_relative_size(clusters, size_threshold)
+    if not round(_silhouette(reduced, clusters), 4) > round(silhouette_threshold, 4):
+        flags[:] = False
+    return flags
+
+
+def _cluster_distance(clusters_by_class, reduced_by_class) -> list:
+    """Two clusters per class; centres are coordinate-wise medians. Cluster j of class c is poison when for some
+    other class k its median is nearer k's median than c's, while the other cluster's median is farther from k's
+    than from c's."""
+    centres = [np.median(_to_float64(r), axis=0) for r in reduced_by_class]
+    out = []
+    for c, (clusters, red) in enumerate(zip(clusters_by_class, reduced_by_class)):
+        clusters = np.asarray(clusters)
+        red = _to_float64(red)
+        med = [np.median(red[clusters == j], axis=0) for j in (0, 1)]
+        own = [np.linalg.norm(m - centres[c]) for m in med]
+        poison = [False, False]
+        for k, centre in enumerate(centres):
+            if k == c:
+                continue
+            other = [np.linalg.norm(m - centre) for m in med]
+            if other[0] < own[0] and other[1] > own[1]:
+                poison[0] = True
+            if other[1] < own[1] and other[0] > own[0]:
+                poison[1] = True
+        out.append(np.array([poison[j] for j in clusters], dtype=bool))
+    return out
+
+
+# -- density clustering (poisonguard.cluster) ----------------------------------------------------------------------
+def _connected_components(n: int, edges) -> np.ndarray:
+    """Components of the graph on ``n`` nodes with edges ``[e, 2]``, numbered by their smallest node (scipy)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    g = coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n))
+    _, lab = connected_components(g, directed=False)
+    first = np.full(lab.max() + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(first, lab, np.arange(n))
+    rank = np.empty_like(first)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[lab]
+
+
+def _border_labels(n: int, neighbours: list, core_label) -> np.ndarray:
+    """For row ``r`` with neighbour list ``neighbours[r]`` (indices into ``core_label``): the smallest
+    ``core_label >= 0`` among them, else -1."""
+    core_label = np.asarray(core_label)
+    out = np.full(n, -1, dtype=np.int64)
+    for r in range(n):
+        c = core_label[np.asarray(neighbours[r], dtype=np.int64)] if len(neighbours[r]) else np.zeros(0, np.int64)
+        c = c[c >= 0]
+        if len(c):
+            out[r] = c.min()
+    return out
+
+
+def _dbscan(x, eps: float, min_samples: int, metric: str = "l2") -> tuple:
+    """DBSCAN in float64 by brute force: ``(labels [n], core [n])``. Core: at least ``min_samples`` rows (itself
+    included) within ``eps``; clusters: components of core rows within ``eps`` numbered by smallest core member; a
+    border row takes the smallest cluster number among its core neighbours."""
+    from scipy.spatial.distance import cdist
+
+    x = _to_float64(x)
+    n = len(x)
+    dist = cdist(x, x, "cosine" if metric == "cosine" else "euclidean")
+    near = dist <= eps
+    core = near.sum(1) >= min_samples
+    ci = np.flatnonzero(core)
+    sub = near[np.ix_(ci, ci)]
+    a, b = np.nonzero(sub)
+    comp = _connected_components(len(ci), np.stack([a, b], 1))
+    core_label = np.full(n, -1, dtype=np.int64)
+    core_label[ci] = comp
+    labels = core_label.copy()
+    for r in np.flatnonzero(~core):
+        c = core_label[near[r]]
+        c = c[c >= 0]
+        if len(c):
+            labels[r] = c.min()
+    return labels, core

@@ -1,7 +1,8 @@
 """Detectors: fit(source, labels) -> self; scores_ [N] (higher = more suspicious), is_poison_ [N], threshold_ [G],
 report()."""
 
+from .clustering import ActivationClustering
 from .spectral import SpectralSignature
 from .spectre import Spectre
 
-__all__ = ["SpectralSignature", "Spectre"]
+__all__ = ["ActivationClustering", "SpectralSignature", "Spectre"]
