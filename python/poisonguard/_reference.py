@@ -84,3 +84,16 @@ def subspace_error(v_est: np.ndarray, v_ref: np.ndarray) -> float:
     qb, _ = np.linalg.qr(np.asarray(v_ref, dtype=np.float64))
     s = np.linalg.svd(qa.T @ qb, compute_uv=False)
     return float(np.sqrt(max(0.0, 1.0 - float(s.min()) ** 2)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-sample gradient norms (gradnorm): materialise every per-sample gradient in float64.
+
+
+def _linear_grad_sqnorms(a, g):
+    """``(‖g_bᵀ a_b‖_F² [B], ‖Σ_t g_bt‖² [B])`` in float64 for a [B, T, d_in] (or [B, d_in]) and g [B, T, d_out]."""
+    a, g = _to_float64(a), _to_float64(g)
+    if a.ndim == 2:
+        a, g = a[:, None, :], g[:, None, :]
+    m = np.einsum("bto,bti->boi", g, a)
+    return (m**2).sum(axis=(1, 2)), (g.sum(axis=1) ** 2).sum(axis=1)
