@@ -1,8 +1,9 @@
 """Per-sample gradient norms of linear maps without per-sample gradients (the kernels behind GradNormTracker).
 
 For a linear map applied at ``T`` positions of each sample, with inputs ``a [B, T, d_in]`` and output gradients
-``g [B, T, d_out]``, the weight gradient of sample ``b`` is ``M_b = g_bᵀ a_b [d_out, d_in]``. :func:`linear_grad_sqnorms`
-returns ``‖M_b‖_F²`` (and optionally the bias term ``‖Σ_t g_bt‖²``) without storing any ``M_b`` for the batch:
+``g [B, T, d_out]``, the weight gradient of sample ``b`` is ``M_b = g_bᵀ a_b [d_out, d_in]``.
+:func:`linear_grad_sqnorms` returns ``‖M_b‖_F²`` (and optionally the bias term ``‖Σ_t g_bt‖²``) without storing
+any ``M_b`` for the batch:
 
 * ``"ghost"``: ``Σ_{t,t'} (a_t·a_t')(g_t·g_t')`` — two ``T × T`` Gram matrices per sample (BLAS SYRK);
 * ``"direct"``: ``M_b`` built a tile of rows at a time (BLAS GEMM) and squared; never ``[B, d_out, d_in]``;

@@ -1,0 +1,344 @@
+"""Per-sample gradient norms from one ordinary backward: :class:`GradNormTracker`.
+
+Forward hooks keep a reference to each tracked layer's input (no copy: autograd keeps the same tensor for the
+weight gradient anyway); a hook on the layer's output tensor receives the output gradient during the backward and
+computes that layer's per-sample squared norms at once, then drops the input, so nothing outlives the backward and no
+per-sample gradient is ever formed.
+
+Per layer kind:
+
+* ``Linear`` — inputs ``[B, ..., d_in]`` seen as ``[B, T, d_in]``: :func:`poisonguard.ops.linear_grad_sqnorms`
+  (ghost or direct form, chosen per layer by the cost model; see ``tracker.methods``);
+* ``Conv1d`` / ``Conv2d`` — the same kernel on the unfolded input (``F.unfold``: ``[B, L, C_in/groups·k]`` per group
+  of channels; stride, padding, padding mode, dilation and groups honoured);
+* ``Embedding`` — the gradient rows of one sample are summed per token id before squaring, so repeated tokens are
+  exact (``padding_idx`` rows get no gradient, as in torch);
+* ``LayerNorm`` / ``GroupNorm`` — per-sample affine gradients ``Σ_positions g·x̂`` and ``Σ g``, ``x̂`` recomputed from
+  the captured input.
+
+Anything else that owns trainable parameters raises ``ValueError`` naming it when the tracker is entered (BatchNorm
+mixes samples through its batch statistics, so its "per-sample gradient" is not defined). Frozen parameters
+(``requires_grad=False``) are skipped. A parameter shared between modules, or a module called more than once in one
+forward, is refused: the per-sample norm of a sum of contributions is not the sum of their norms.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.gradnorm import METHODS, linear_grad_sqnorms
+
+_REDUCTIONS = ("mean", "sum")
+_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
+
+
+def _trainable(p: Any) -> bool:
+    return p is not None and p.requires_grad
+
+
+def _unsupported_message(name: str, module: nn.Module) -> str:
+    kind = type(module).__name__
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        why = (
+            "BatchNorm mixes the samples of a batch through its batch statistics, so a sample's gradient depends on "
+            "the others and per-sample gradient norms are not defined; use GroupNorm/LayerNorm, or freeze its affine "
+            "parameters (requires_grad_(False)), or put it in eval mode and freeze it"
+        )
+    elif isinstance(module, nn.MultiheadAttention):
+        why = (
+            "nn.MultiheadAttention uses its in_proj/out_proj parameters directly inside "
+            "F.multi_head_attention_forward, where no hook can see their inputs; build attention from nn.Linear "
+            "layers (q, k, v and output projections) and F.scaled_dot_product_attention instead"
+        )
+    else:
+        names = ", ".join(t.__name__ for t in _SUPPORTED)
+        why = f"supported layers with trainable parameters are {names}"
+    return f"GradNormTracker cannot track module '{name}' ({kind}): {why}"
+
+
+class GradNormTracker:
+    """Context manager: per-sample L2 norms of the full gradient over the trainable parameters of ``model``, from the
+    one ordinary backward of a training step.
+
+    Parameters
+    ----------
+    model : the ``nn.Module``; every submodule that owns trainable parameters must be one of ``Linear``, ``Conv1d``,
+        ``Conv2d``, ``Embedding``, ``LayerNorm``, ``GroupNorm`` (else ``ValueError`` on entry). Inputs are batch-first.
+    loss_reduction : ``"mean"`` (default) when the loss is the mean of ``B`` per-sample losses: the captured output
+        gradients are then ``1/B`` of the per-sample ones and the norms are multiplied by ``B``; ``"sum"`` when the loss
+        is their sum (norms as captured).
+    method : ``"auto"`` (default; per layer by the cost model), ``"ghost"`` or ``"direct"`` for the linear maps.
+
+    After the backward (inside the ``with`` block or after it): ``norms`` — float64 tensor ``[B]`` on the model's
+    device; ``layer_norms`` — module name → ``[B]``; ``methods`` — module name → ``"ghost"`` / ``"direct"`` for the
+    linear maps (Linear, Conv), ``"exact"`` for the others. A new forward after a backward starts a new step (the
+    previous norms are cleared). The backward must run while the tracker is entered; the hooks are removed on exit,
+    also when the block raises.
+
+    Example::
+
+        with GradNormTracker(model) as tracker:
+            loss = F.cross_entropy(model(x), y)  # mean over the batch
+            loss.backward()
+        per_sample = tracker.norms  # [B]
+    """
+
+    def __init__(self, model: nn.Module, loss_reduction: str = "mean", method: str = "auto") -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if loss_reduction not in _REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {_REDUCTIONS}, got {loss_reduction!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.model = model
+        self.loss_reduction = loss_reduction
+        self.method = method
+        self._handles: list[Any] = []
+        self._active = False
+        self._pending: dict[str, bool] = {}
+        self._sq: dict[str, torch.Tensor] = {}
+        self.methods: dict[str, str] = {}
+        self._batch: int | None = None
+        self._backward_started = False
+        self._layers = self._collect()
+
+    # -- set-up -------------------------------------------------------------------------------------------------------
+    def _collect(self) -> list[tuple[str, nn.Module]]:
+        owners: dict[int, str] = {}
+        seen: dict[int, str] = {}
+        layers = []
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            label = name or "<model>"
+            if id(module) in seen:
+                raise ValueError(
+                    f"GradNormTracker: module '{seen[id(module)]}' is registered again as '{label}' (shared weights); "
+                    "per-sample norms of shared parameters are not supported"
+                )
+            seen[id(module)] = label
+            for pname, p in module.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                if id(p) in owners:
+                    raise ValueError(
+                        f"GradNormTracker: parameter '{label}.{pname}' is shared with '{owners[id(p)]}' (tied "
+                        "weights); per-sample norms of shared parameters are not supported"
+                    )
+                owners[id(p)] = f"{label}.{pname}"
+            if not isinstance(module, _SUPPORTED):
+                raise ValueError(_unsupported_message(label, module))
+            if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+                raise ValueError(
+                    f"GradNormTracker cannot track module '{label}' (Embedding with scale_grad_by_freq=True): its "
+                    "gradient scaling depends on the token counts of the whole batch"
+                )
+            extra = {n for n, _ in module.named_parameters(recurse=False)} - {"weight", "bias"}
+            if extra:
+                raise ValueError(
+                    f"GradNormTracker cannot track module '{label}': unexpected parameters {sorted(extra)}"
+                )
+            layers.append((label, module))
+        return layers
+
+    def __enter__(self) -> GradNormTracker:
+        if self._active:
+            raise RuntimeError("this GradNormTracker is already entered")
+        self.reset()
+        for name, module in self._layers:
+            self._handles.append(module.register_forward_hook(self._make_forward_hook(name)))
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._active = False
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._pending.clear()
+
+    def reset(self) -> None:
+        """Forgets the norms of the previous step."""
+        self._sq = {}
+        self.methods = {}
+        self._pending = {}
+        self._batch = None
+        self._backward_started = False
+
+    # -- results ------------------------------------------------------------------------------------------------------
+    def _scale(self) -> float:
+        return float(self._batch) if self.loss_reduction == "mean" and self._batch else 1.0
+
+    @property
+    def layer_norms(self) -> dict[str, torch.Tensor]:
+        """Module name → per-sample L2 norm ``[B]`` (float64) of the gradient of that module's trainable parameters."""
+        s = self._scale()
+        return {name: sq.sqrt() * s for name, sq in self._sq.items()}
+
+    @property
+    def norms(self) -> torch.Tensor:
+        """Per-sample L2 norm ``[B]`` (float64) of the gradient over all tracked trainable parameters."""
+        if not self._sq:
+            raise RuntimeError(
+                "no per-sample norms yet: run a forward and a backward inside the tracker's `with` block"
+            )
+        total = None
+        for sq in self._sq.values():
+            total = sq.clone() if total is None else total + sq
+        return total.sqrt() * self._scale()
+
+    # -- hooks --------------------------------------------------------------------------------------------------------
+    def _make_forward_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if not self._active or not torch.is_grad_enabled():
+                return
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            if self._backward_started:  # a new step
+                self.reset()
+            if self._pending.get(name):
+                raise ValueError(
+                    f"GradNormTracker: module '{name}' was called more than once in one forward (weights reused); "
+                    "per-sample norms of reused parameters are not supported"
+                )
+            x = inputs[0]
+            if x.dim() < 2:
+                raise ValueError(
+                    f"GradNormTracker: module '{name}' got an input of shape {tuple(x.shape)}; batch-first "
+                    "inputs [B, ...] are required"
+                )
+            b = int(x.shape[0])
+            if self._batch is None:
+                self._batch = b
+            elif self._batch != b:
+                raise ValueError(
+                    f"GradNormTracker: module '{name}' saw batch size {b} but an earlier layer saw {self._batch}; "
+                    "all tracked layers must see the same batch-first batch"
+                )
+            self._pending[name] = True
+            x = x.detach()
+
+            def on_grad(grad: torch.Tensor) -> None:
+                if not self._active:
+                    return
+                self._backward_started = True
+                self._pending[name] = False
+                sq = self._layer_sq(name, module, x, grad.detach())
+                prev = self._sq.get(name)
+                self._sq[name] = sq if prev is None else prev + sq
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def _layer_sq(self, name: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if isinstance(module, nn.Linear):
+            b = x.shape[0]
+            a3 = x.reshape(b, -1, x.shape[-1])
+            g3 = g.reshape(b, -1, g.shape[-1])
+            return self._linear(name, a3, g3, _trainable(module.weight), _trainable(module.bias))
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            return self._conv(name, module, x, g)
+        self.methods[name] = "exact"
+        if isinstance(module, nn.Embedding):
+            return _embedding_sq(module, x, g)
+        if isinstance(module, nn.LayerNorm):
+            return _layer_norm_sq(module, x, g)
+        return _group_norm_sq(module, x, g)
+
+    def _linear(self, name: str, a3: torch.Tensor, g3: torch.Tensor, weight: bool, bias: bool) -> torch.Tensor:
+        if g3.dtype != a3.dtype:  # mixed precision: one documented cast to the input's dtype
+            g3 = g3.to(a3.dtype)
+        if weight:
+            w, bsq, used = linear_grad_sqnorms(a3, g3, method=self.method, bias=bias)
+            self.methods[name] = used
+            return w + bsq if bias else w
+        self.methods[name] = "exact"
+        return g3.sum(dim=1, dtype=torch.float64).pow(2).sum(dim=1)
+
+    def _conv(self, name: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        pad = module._reversed_padding_repeated_twice
+        if any(pad):
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, pad, mode=mode)
+        if isinstance(module, nn.Conv1d):
+            x = x.unsqueeze(2)
+            kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
+        else:
+            kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+        cols = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)  # [B, C_in·k, L]
+        a3 = cols.transpose(1, 2)  # [B, L, C_in·k], a strided view
+        g3 = g.reshape(b, g.shape[1], -1).transpose(1, 2)  # [B, L, C_out]
+        if a3.shape[1] != g3.shape[1]:
+            raise ValueError(
+                f"GradNormTracker: module '{name}': unfolded input has {a3.shape[1]} positions but the "
+                f"output gradient has {g3.shape[1]}"
+            )
+        groups = module.groups
+        weight, bias = _trainable(module.weight), _trainable(module.bias)
+        if groups == 1:
+            return self._linear(name, a3, g3, weight, bias)
+        din, dout = a3.shape[2] // groups, g3.shape[2] // groups
+        total = None
+        for k in range(groups):
+            part = self._linear(
+                name, a3[:, :, k * din : (k + 1) * din], g3[:, :, k * dout : (k + 1) * dout], weight, bias
+            )
+            total = part if total is None else total + part
+        return total
+
+
+def _embedding_sq(module: nn.Embedding, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    b = idx.shape[0]
+    idx = idx.reshape(b, -1)
+    g2 = g.reshape(b * idx.shape[1], -1).to(torch.float64)
+    vocab = module.num_embeddings
+    sample = torch.arange(b, device=idx.device).repeat_interleave(idx.shape[1])
+    flat = idx.reshape(-1)
+    if module.padding_idx is not None:
+        keep = flat != module.padding_idx
+        flat, sample, g2 = flat[keep], sample[keep], g2[keep]
+    key = sample * vocab + flat
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    rows = torch.zeros(uniq.shape[0], g2.shape[1], dtype=torch.float64, device=g2.device).index_add_(0, inverse, g2)
+    out = torch.zeros(b, dtype=torch.float64, device=g2.device)
+    return out.index_add_(0, torch.div(uniq, vocab, rounding_mode="floor"), rows.pow(2).sum(dim=1))
+
+
+def _affine_sq(xhat: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool) -> torch.Tensor:
+    """``xhat`` and ``g`` as ``[B, P, N]``: per-sample Σ_p g·x̂ (weight) and Σ_p g (bias), squared and summed."""
+    out = torch.zeros(xhat.shape[0], dtype=torch.float64, device=xhat.device)
+    if weight:
+        out += (g * xhat).sum(dim=1, dtype=torch.float64).pow(2).sum(dim=1)
+    if bias:
+        out += g.sum(dim=1, dtype=torch.float64).pow(2).sum(dim=1)
+    return out
+
+
+def _layer_norm_sq(module: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    b = x.shape[0]
+    n = 1
+    for s in module.normalized_shape:
+        n *= s
+    x3 = x.reshape(b, -1, n)
+    var, mean = torch.var_mean(x3, dim=2, unbiased=False, keepdim=True)
+    xhat = (x3 - mean) * torch.rsqrt(var + module.eps)
+    return _affine_sq(xhat, g.reshape(b, -1, n).to(xhat.dtype), _trainable(module.weight), _trainable(module.bias))
+
+
+def _group_norm_sq(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    b, c = x.shape[0], x.shape[1]
+    xg = x.reshape(b, module.num_groups, -1)
+    var, mean = torch.var_mean(xg, dim=2, unbiased=False, keepdim=True)
+    xhat = ((xg - mean) * torch.rsqrt(var + module.eps)).reshape(b, c, -1).transpose(1, 2)  # [B, P, C]
+    g3 = g.reshape(b, c, -1).transpose(1, 2).to(xhat.dtype)
+    return _affine_sq(xhat, g3, _trainable(module.weight), _trainable(module.bias))
+
+
+__all__ = ["GradNormTracker"]
