@@ -14,28 +14,42 @@ namespace pg {
 
 namespace {
 
-// Row-major C[n,n] (upper) = A Aᵀ for A [n, k] with leading dimension lda.
+// Row-major C[n,n] (upper) = op(A) op(A)ᵀ for op(A) [n, k]: A stored [n, k] (trans false) or [k, n] (trans true),
+// leading dimension lda.
 template <typename T>
-void syrk_aat(int n, int k, const T* a, int lda, T* c, int ldc) {
+void syrk_rows(bool trans, int n, int k, const T* a, int lda, T* c, int ldc) {
+  const int tr = trans ? PgTrans : PgNoTrans;
   if constexpr (sizeof(T) == 4) {
-    scipy_cblas_ssyrk(PgRowMajor, PgUpper, PgNoTrans, n, k, 1.0f, a, lda, 0.0f, c, ldc);
+    scipy_cblas_ssyrk(PgRowMajor, PgUpper, tr, n, k, 1.0f, a, lda, 0.0f, c, ldc);
   } else {
-    scipy_cblas_dsyrk(PgRowMajor, PgUpper, PgNoTrans, n, k, 1.0, a, lda, 0.0, c, ldc);
+    scipy_cblas_dsyrk(PgRowMajor, PgUpper, tr, n, k, 1.0, a, lda, 0.0, c, ldc);
   }
 }
 
-// Sample b of a view as a row-major [rows, cols] block usable by BLAS: a pointer into the input when its layout
-// allows (unit column stride, compute-type storage), else the sample packed into `buf` (converted to the compute type).
+// One sample's [rows, cols] block as BLAS sees it: `trans` false = stored row-major [rows, cols], true = stored
+// row-major [cols, rows] (a transposed view, e.g. an unfolded convolution input), leading dimension `ld`.
+template <typename C>
+struct BlasBlock {
+  const C* ptr;
+  int ld;
+  bool trans;
+};
+
+// A pointer into the input when its layout allows (compute-type storage with unit stride along one of the two
+// axes), else the sample packed row-major into `buf` (converted to the compute type).
 template <typename Tag>
-const typename Tag::compute* sample_for_blas(const BatchView& v, int64_t b, std::vector<typename Tag::compute>& buf,
-                                             int* ld) {
+BlasBlock<typename Tag::compute> sample_for_blas(const BatchView& v, int64_t b,
+                                                 std::vector<typename Tag::compute>& buf) {
   using S = typename Tag::storage;
   using C = typename Tag::compute;
+  constexpr int64_t kMaxLd = std::numeric_limits<int>::max();
   if constexpr (std::is_same_v<S, C>) {
-    if (v.col_stride == 1 &&
-        (v.rows == 1 || (v.row_stride >= v.cols && v.row_stride <= std::numeric_limits<int>::max()))) {
-      *ld = static_cast<int>(v.rows == 1 ? std::max<int64_t>(v.cols, 1) : v.row_stride);
-      return v.at<S>(b, 0);
+    const S* base = v.at<S>(b, 0);
+    if (v.col_stride == 1 && (v.rows == 1 || (v.row_stride >= v.cols && v.row_stride <= kMaxLd))) {
+      return {base, static_cast<int>(v.rows == 1 ? std::max<int64_t>(v.cols, 1) : v.row_stride), false};
+    }
+    if (v.row_stride == 1 && (v.cols == 1 || (v.col_stride >= v.rows && v.col_stride <= kMaxLd))) {
+      return {base, static_cast<int>(v.cols == 1 ? std::max<int64_t>(v.rows, 1) : v.col_stride), true};
     }
   }
   buf.resize(static_cast<size_t>(v.rows * v.cols));
@@ -44,8 +58,7 @@ const typename Tag::compute* sample_for_blas(const BatchView& v, int64_t b, std:
     C* dst = buf.data() + r * v.cols;
     for (int64_t j = 0; j < v.cols; ++j) dst[j] = load(Tag{}, src + j * v.col_stride);
   }
-  *ld = static_cast<int>(std::max<int64_t>(v.cols, 1));
-  return buf.data();
+  return {buf.data(), static_cast<int>(std::max<int64_t>(v.cols, 1)), false};
 }
 
 // Σ_r Σ_c x[r, c] in float64 of a [rows, cols] row-major block with leading dimension ld, squared entries.
@@ -112,14 +125,13 @@ void gradnorm_impl(const BatchView& a, const BatchView& g, GradNormMethod method
         weight_sq[b] = sa * sg;
         continue;
       }
-      int lda = 0, ldg = 0;
-      const C* pa = sample_for_blas<Tag>(a, b, abuf, &lda);
-      const C* pg = sample_for_blas<Tag>(g, b, gbuf, &ldg);
+      const BlasBlock<C> pa = sample_for_blas<Tag>(a, b, abuf);
+      const BlasBlock<C> pg = sample_for_blas<Tag>(g, b, gbuf);
       if (method == GradNormMethod::ghost) {
         ka.resize(static_cast<size_t>(t * t));
         kg.resize(static_cast<size_t>(t * t));
-        syrk_aat<C>(ti, dii, pa, lda, ka.data(), ti);
-        syrk_aat<C>(ti, doi, pg, ldg, kg.data(), ti);
+        syrk_rows<C>(pa.trans, ti, dii, pa.ptr, pa.ld, ka.data(), ti);
+        syrk_rows<C>(pg.trans, ti, doi, pg.ptr, pg.ld, kg.data(), ti);
         double diag = 0, off = 0;
         for (int64_t i = 0; i < t; ++i) {
           const C* ra = ka.data() + i * t;
@@ -136,7 +148,9 @@ void gradnorm_impl(const BatchView& a, const BatchView& g, GradNormMethod method
         for (int64_t r0 = 0; r0 < d_out; r0 += tile) {
           const int64_t nr = std::min(tile, d_out - r0);
           // M[r0:r0+nr, :] = G[:, r0:r0+nr]ᵀ A
-          gemm<C>(true, false, static_cast<int>(nr), dii, ti, C(1), pg + r0, ldg, pa, lda, C(0), m.data(), dii);
+          const C* gp = pg.trans ? pg.ptr + r0 * pg.ld : pg.ptr + r0;
+          gemm<C>(!pg.trans, pa.trans, static_cast<int>(nr), dii, ti, C(1), gp, pg.ld, pa.ptr, pa.ld, C(0), m.data(),
+                  dii);
           s += sum_squares(m.data(), nr, d_in, d_in);
         }
         weight_sq[b] = s;

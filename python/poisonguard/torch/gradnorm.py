@@ -262,36 +262,40 @@ class GradNormTracker:
         return g3.sum(dim=1, dtype=torch.float64).pow(2).sum(dim=1)
 
     def _conv(self, name: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        pad = module._reversed_padding_repeated_twice
-        if any(pad):
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            x = F.pad(x, pad, mode=mode)
-        if isinstance(module, nn.Conv1d):
-            x = x.unsqueeze(2)
-            kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
-        else:
-            kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-        cols = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)  # [B, C_in·k, L]
-        a3 = cols.transpose(1, 2)  # [B, L, C_in·k], a strided view
-        g3 = g.reshape(b, g.shape[1], -1).transpose(1, 2)  # [B, L, C_out]
-        if a3.shape[1] != g3.shape[1]:
-            raise ValueError(
-                f"GradNormTracker: module '{name}': unfolded input has {a3.shape[1]} positions but the "
-                f"output gradient has {g3.shape[1]}"
-            )
-        groups = module.groups
         weight, bias = _trainable(module.weight), _trainable(module.bias)
-        if groups == 1:
-            return self._linear(name, a3, g3, weight, bias)
-        din, dout = a3.shape[2] // groups, g3.shape[2] // groups
         total = None
-        for k in range(groups):
-            part = self._linear(
-                name, a3[:, :, k * din : (k + 1) * din], g3[:, :, k * dout : (k + 1) * dout], weight, bias
-            )
+        for a3, g3 in conv_operands(module, x, g):
+            part = self._linear(name, a3, g3, weight, bias)
             total = part if total is None else total + part
         return total
+
+
+def conv_operands(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The linear-map operands ``(a [B, L, C_in/groups·k], g [B, L, C_out/groups])`` of a Conv1d/Conv2d, one pair per
+    group of channels: the input unfolded (``F.unfold``, after the module's padding and padding mode) and the output
+    gradient, both as strided views of ``[B, ·, L]`` tensors (the unfolded input is the one new tensor)."""
+    b = x.shape[0]
+    pad = module._reversed_padding_repeated_twice
+    if any(pad):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
+    else:
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    cols = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)  # [B, C_in·k, L]
+    a3 = cols.transpose(1, 2)  # [B, L, C_in·k]
+    g3 = g.reshape(b, g.shape[1], -1).transpose(1, 2)  # [B, L, C_out]
+    if a3.shape[1] != g3.shape[1]:
+        raise ValueError(
+            f"GradNormTracker: unfolded input has {a3.shape[1]} positions but the output gradient has {g3.shape[1]}"
+        )
+    groups = module.groups
+    if groups == 1:
+        return [(a3, g3)]
+    din, dout = a3.shape[2] // groups, g3.shape[2] // groups
+    return [(a3[:, :, k * din : (k + 1) * din], g3[:, :, k * dout : (k + 1) * dout]) for k in range(groups)]
 
 
 def _embedding_sq(module: nn.Embedding, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
