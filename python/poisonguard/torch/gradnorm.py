@@ -270,9 +270,20 @@ class GradNormTracker:
         return total
 
 
+def _unfold(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> torch.Tensor:
+    """``F.unfold(x, kernel, dilation, padding=0, stride)`` ``[B, C·kh·kw, L]`` as one copy of a strided window view
+    of ``x`` (torch's CPU im2col was ~7x slower here)."""
+    b, c, h, w = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    s0, s1, s2, s3 = x.stride()
+    windows = x.as_strided((b, c, kh, kw, ho, wo), (s0, s1, dh * s2, dw * s3, sh * s2, sw * s3), x.storage_offset())
+    return windows.reshape(b, c * kh * kw, ho * wo)
+
+
 def conv_operands(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The linear-map operands ``(a [B, L, C_in/groups·k], g [B, L, C_out/groups])`` of a Conv1d/Conv2d, one pair per
-    group of channels: the input unfolded (``F.unfold``, after the module's padding and padding mode) and the output
+    group of channels: the input unfolded (as ``F.unfold``, after the module's padding and padding mode) and the output
     gradient, both as strided views of ``[B, ·, L]`` tensors (the unfolded input is the one new tensor)."""
     b = x.shape[0]
     pad = module._reversed_padding_repeated_twice
@@ -284,7 +295,7 @@ def conv_operands(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> list[t
         kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
     else:
         kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    cols = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)  # [B, C_in·k, L]
+    cols = _unfold(x, kernel, stride, dilation)  # [B, C_in·k, L]
     a3 = cols.transpose(1, 2)  # [B, L, C_in·k]
     g3 = g.reshape(b, g.shape[1], -1).transpose(1, 2)  # [B, L, C_out]
     if a3.shape[1] != g3.shape[1]:
