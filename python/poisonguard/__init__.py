@@ -10,7 +10,7 @@ from ._loader import load_core as _load_core
 _core = _load_core()
 
 from . import attacks, ops  # noqa: E402
-from .detect import SpectralSignature, Spectre  # noqa: E402
+from .detect import GradientOutliers, LossOutliers, SpectralSignature, Spectre  # noqa: E402
 from .ops import StreamingCovariance, randomized_svd, top_eigh  # noqa: E402
 from .workflow import ScanResult, scan  # noqa: E402
 
@@ -44,6 +44,8 @@ def set_num_threads(n: int) -> None:
 
 
 __all__ = [
+    "GradientOutliers",
+    "LossOutliers",
     "ScanResult",
     "SpectralSignature",
     "Spectre",

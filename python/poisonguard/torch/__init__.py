@@ -11,5 +11,6 @@ except ImportError as exc:  # pragma: no cover - torch is an optional dependency
     raise ImportError("poisonguard.torch needs PyTorch: pip install 'poisonguard[torch]'") from exc
 
 from .gradnorm import GradNormTracker
+from .monitors import GradNormHistory, LossHistory
 
-__all__ = ["GradNormTracker"]
+__all__ = ["GradNormHistory", "GradNormTracker", "LossHistory"]
