@@ -256,3 +256,21 @@ def test_detectors_import_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_training_monitors_example_tiny():
+    pytest.importorskip("sklearn")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "training_monitors.py"
+    spec = importlib.util.spec_from_file_location("training_monitors_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(epochs=2, n_samples=240, batch_size=32, verbose=False)
+    losses, norms = out["histories"]
+    assert losses.values.shape == (240, 2) and norms.values.shape == (240, 2)
+    assert np.isfinite(losses.values).all() and (norms.values > 0).all()  # every sample seen once per epoch
+    assert out["poisoned"].sum() == 12
+    for precision, recall, n_flagged in out["views"].values():
+        assert 0.0 <= precision <= 1.0 and 0.0 <= recall <= 1.0 and n_flagged >= 0
