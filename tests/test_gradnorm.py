@@ -371,3 +371,30 @@ def test_tracker_bad_arguments():
         GradNormTracker(nn.Linear(2, 2), loss_reduction="none")
     with pytest.raises(ValueError, match="method"):
         GradNormTracker(nn.Linear(2, 2), method="fast")
+
+
+# -- CUDA (skipped without a device) ------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", FORMS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_kernel_cuda_matches_reference(rng, method, dtype):
+    for b, t, din, dout in [(5, 7, 9, 11), (3, 1, 17, 4), (4, 33, 3, 2), (2, 0, 3, 3), (0, 3, 3, 3)]:
+        a = make_input(rng.standard_normal((b, t, din)), "torch", dtype)
+        g = make_input(rng.standard_normal((b, t, dout)), "torch", dtype)
+        g_strided = g.cuda().transpose(1, 2).contiguous().transpose(1, 2)  # column-major samples
+        w, _, _ = linear_grad_sqnorms(a.cuda(), g_strided, method=method)
+        ref_w, ref_b = _linear_grad_sqnorms(a, g)
+        assert _max_rel(w.cpu(), ref_w) <= KTOL[dtype]
+        w2, b2, _ = linear_grad_sqnorms(a.cuda(), g.cuda(), method=method, bias=True)
+        assert _max_rel(w2.cpu(), ref_w) <= KTOL[dtype] and _max_rel(b2.cpu(), ref_b) <= KTOL[dtype]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer"])
+def test_tracker_cuda_matches_cpu(kind):
+    model, x, y = _models()[kind]
+    want = _tracked(model, x, y).norms
+    model = model.cuda()
+    got = _tracked(model, x.cuda(), y.cuda()).norms
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=0)

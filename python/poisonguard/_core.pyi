@@ -71,3 +71,27 @@ def blas_set_num_threads(n: int) -> None: ...
 def built_with_cuda() -> bool: ...
 def cuda_device_count() -> int: ...
 def build_info() -> dict[str, Any]: ...
+
+# -- gradnorm: per-sample ‖G_bᵀ A_b‖_F² (csrc/bind_gradnorm.cpp) -------------------------------------------------
+def gradnorm_method(t: int, d_in: int, d_out: int) -> str: ...
+def gradnorm_linear(
+    a: npt.NDArray[Any],
+    g: npt.NDArray[Any],
+    method: str,
+    weight_sq: npt.NDArray[np.float64],
+    bias_sq: npt.NDArray[np.float64] | None = None,
+    bf16: bool = False,
+) -> str: ...
+def gradnorm_linear_cuda(
+    a_ptr: int,
+    a_shape: tuple[int, int, int],
+    a_strides: tuple[int, int, int],
+    g_ptr: int,
+    g_shape: tuple[int, int, int],
+    g_strides: tuple[int, int, int],
+    dtype: int,
+    method: str,
+    weight_sq: int,
+    bias_sq: int,
+    stream: int,
+) -> str: ...
