@@ -205,6 +205,39 @@ class TinyTransformer(nn.Module):
         return self.head(h.mean(dim=1))
 
 
+class TorchEncoder(nn.Module):
+    """Embedding + nn.TransformerEncoderLayer (nn.MultiheadAttention inside) + head."""
+
+    def __init__(self, vocab=23, d=16, classes=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=24, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, tokens):
+        return self.head(self.layer(self.emb(tokens)).mean(dim=1))
+
+
+class CrossAttention(nn.Module):
+    """Sequence-first nn.MultiheadAttention with kdim/vdim (separate q/k/v weights), a key padding mask and weights."""
+
+    def __init__(self, d=8, kd=5, vd=6, classes=3):
+        super().__init__()
+        self.kv = nn.Linear(4, kd + vd)
+        self.kd = kd
+        self.att = nn.MultiheadAttention(d, 2, kdim=kd, vdim=vd)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):  # x [B, T, 4 + d]
+        ctx = self.kv(x[..., :4])
+        q = x[..., 4:].transpose(0, 1)
+        k, v = ctx[..., : self.kd].transpose(0, 1), ctx[..., self.kd :].transpose(0, 1)
+        pad = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+        pad[:, -1] = True
+        out, w = self.att(q, k, v, key_padding_mask=pad)
+        return self.head(out.mean(dim=0)) + w.sum() * 0
+
+
 def _models():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
@@ -227,11 +260,15 @@ def _models():
         "cnn1d": (cnn1d, torch.randn(4, 3, 12), torch.randint(0, 4, (4,))),
         "seq_linear": (seq, torch.randn(5, 6, 5), torch.randint(0, 4, (5,))),
         "transformer": (TinyTransformer(), tokens, torch.randint(0, 3, (6,))),
+        "torch_encoder": (TorchEncoder(), tokens, torch.randint(0, 3, (6,))),
+        "cross_attention": (CrossAttention(), torch.randn(5, 7, 12), torch.randint(0, 3, (5,))),
     }
 
 
 @pytest.mark.parametrize("method", FORMS)
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "cnn1d", "seq_linear", "transformer"])
+@pytest.mark.parametrize(
+    "kind", ["mlp", "cnn", "cnn1d", "seq_linear", "transformer", "torch_encoder", "cross_attention"]
+)
 def test_tracker_matches_vmap(kind, method):
     model, x, y = _models()[kind]
     want = _vmap_norms(model, x, y)
@@ -327,7 +364,7 @@ def test_tracker_hooks_removed_on_exit_and_exception():
     ("module", "match"),
     [
         (nn.BatchNorm1d(4), "BatchNorm mixes the samples"),
-        (nn.MultiheadAttention(4, 2), "MultiheadAttention"),
+        (nn.MultiheadAttention(4, 2, add_bias_kv=True), "add_bias_kv"),
         (nn.Conv3d(2, 2, 1), "Conv3d"),
         (nn.GRU(4, 4), "GRU"),
     ],
@@ -398,3 +435,17 @@ def test_tracker_cuda_matches_cpu(kind):
     got = _tracked(model, x.cuda(), y.cuda()).norms
     assert got.device.type == "cuda"
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=0)
+
+
+def test_tracker_attention_partly_frozen_and_forward_restored():
+    model, x, y = _models()["torch_encoder"]
+    att = model.layer.self_attn
+    att.in_proj_weight.requires_grad_(False)  # only in_proj_bias and out_proj train in the attention
+    want = _vmap_norms(model, x, y)
+    tr = _tracked(model, x, y)
+    assert float((tr.norms - want).abs().max() / want.abs().max()) <= 1e-5
+    assert "forward" not in att.__dict__  # the class's forward again
+    with pytest.raises(RuntimeError, match="boom"), GradNormTracker(model):
+        assert "forward" in att.__dict__
+        raise RuntimeError("boom")
+    assert "forward" not in att.__dict__

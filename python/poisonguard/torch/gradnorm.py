@@ -14,7 +14,12 @@ Per layer kind:
 * ``Embedding`` — the gradient rows of one sample are summed per token id before squaring, so repeated tokens are
   exact (``padding_idx`` rows get no gradient, as in torch);
 * ``LayerNorm`` / ``GroupNorm`` — per-sample affine gradients ``Σ_positions g·x̂`` and ``Σ g``, ``x̂`` recomputed from
-  the captured input.
+  the captured input;
+* ``MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer`` etc.) — while the tracker is entered its forward
+  is replaced by the same computation written with three ``F.linear`` input projections (hooked like Linear layers;
+  they are the row blocks of ``in_proj_weight``) and ``out_proj`` called as a module; the original forward is put
+  back on exit. Batch-first or sequence-first, kdim/vdim, masks and attention weights are supported;
+  ``add_bias_kv`` / ``add_zero_attn`` are not. The outputs match torch's to float rounding (~1e-7), not bitwise.
 
 Anything else that owns trainable parameters raises ``ValueError`` naming it when the tracker is entered (BatchNorm
 mixes samples through its batch statistics, so its "per-sample gradient" is not defined). Frozen parameters
@@ -24,6 +29,7 @@ forward, is refused: the per-sample norm of a sum of contributions is not the su
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -33,7 +39,8 @@ from torch import nn
 from ..ops.gradnorm import METHODS, linear_grad_sqnorms
 
 _REDUCTIONS = ("mean", "sum")
-_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
+_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention)
+_MHA_PARAMS = {"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight"}
 
 
 def _trainable(p: Any) -> bool:
@@ -50,9 +57,8 @@ def _unsupported_message(name: str, module: nn.Module) -> str:
         )
     elif isinstance(module, nn.MultiheadAttention):
         why = (
-            "nn.MultiheadAttention uses its in_proj/out_proj parameters directly inside "
-            "F.multi_head_attention_forward, where no hook can see their inputs; build attention from nn.Linear "
-            "layers (q, k, v and output projections) and F.scaled_dot_product_attention instead"
+            "nn.MultiheadAttention with add_bias_kv=True or add_zero_attn=True is not supported (the plain and "
+            "kdim/vdim forms are)"
         )
     else:
         names = ", ".join(t.__name__ for t in _SUPPORTED)
@@ -67,7 +73,8 @@ class GradNormTracker:
     Parameters
     ----------
     model : the ``nn.Module``; every submodule that owns trainable parameters must be one of ``Linear``, ``Conv1d``,
-        ``Conv2d``, ``Embedding``, ``LayerNorm``, ``GroupNorm`` (else ``ValueError`` on entry). Inputs are batch-first.
+        ``Conv2d``, ``Embedding``, ``LayerNorm``, ``GroupNorm``, ``MultiheadAttention`` (else ``ValueError`` when the
+        tracker is created). Inputs are batch-first (sequence-first MultiheadAttention inputs are fine).
     loss_reduction : ``"mean"`` (default) when the loss is the mean of ``B`` per-sample losses: the captured output
         gradients are then ``1/B`` of the per-sample ones and the norms are multiplied by ``B``; ``"sum"`` when the loss
         is their sum (norms as captured).
@@ -111,7 +118,13 @@ class GradNormTracker:
         owners: dict[int, str] = {}
         seen: dict[int, str] = {}
         layers = []
+        self._attention: list[tuple[str, nn.MultiheadAttention]] = []
         for name, module in self.model.named_modules(remove_duplicate=False):
+            if isinstance(module, nn.MultiheadAttention) and any(p.requires_grad for p in module.parameters()):
+                # its forward must be replaced even when only out_proj trains: out_proj is applied functionally
+                if module.bias_k is not None or module.add_zero_attn:
+                    raise ValueError(_unsupported_message(name or "<model>", module))
+                self._attention.append((name or "<model>", module))
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
@@ -138,12 +151,14 @@ class GradNormTracker:
                     f"GradNormTracker cannot track module '{label}' (Embedding with scale_grad_by_freq=True): its "
                     "gradient scaling depends on the token counts of the whole batch"
                 )
-            extra = {n for n, _ in module.named_parameters(recurse=False)} - {"weight", "bias"}
+            allowed = _MHA_PARAMS if isinstance(module, nn.MultiheadAttention) else {"weight", "bias"}
+            extra = {n for n, _ in module.named_parameters(recurse=False)} - allowed
             if extra:
                 raise ValueError(
                     f"GradNormTracker cannot track module '{label}': unexpected parameters {sorted(extra)}"
                 )
-            layers.append((label, module))
+            if not isinstance(module, nn.MultiheadAttention):
+                layers.append((label, module))
         return layers
 
     def __enter__(self) -> GradNormTracker:
@@ -152,6 +167,8 @@ class GradNormTracker:
         self.reset()
         for name, module in self._layers:
             self._handles.append(module.register_forward_hook(self._make_forward_hook(name)))
+        for name, module in self._attention:
+            module.forward = types.MethodType(_make_attention_forward(self, name), module)
         self._active = True
         return self
 
@@ -160,6 +177,8 @@ class GradNormTracker:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for _, module in self._attention:
+            module.__dict__.pop("forward", None)
         self._pending.clear()
 
     def reset(self) -> None:
@@ -199,42 +218,47 @@ class GradNormTracker:
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
-            if self._backward_started:  # a new step
-                self.reset()
-            if self._pending.get(name):
-                raise ValueError(
-                    f"GradNormTracker: module '{name}' was called more than once in one forward (weights reused); "
-                    "per-sample norms of reused parameters are not supported"
-                )
+            self._begin_call(name, inputs[0])
             x = inputs[0]
-            if x.dim() < 2:
-                raise ValueError(
-                    f"GradNormTracker: module '{name}' got an input of shape {tuple(x.shape)}; batch-first "
-                    "inputs [B, ...] are required"
-                )
-            b = int(x.shape[0])
-            if self._batch is None:
-                self._batch = b
-            elif self._batch != b:
-                raise ValueError(
-                    f"GradNormTracker: module '{name}' saw batch size {b} but an earlier layer saw {self._batch}; "
-                    "all tracked layers must see the same batch-first batch"
-                )
             self._pending[name] = True
             x = x.detach()
 
             def on_grad(grad: torch.Tensor) -> None:
-                if not self._active:
-                    return
-                self._backward_started = True
-                self._pending[name] = False
-                sq = self._layer_sq(name, module, x, grad.detach())
-                prev = self._sq.get(name)
-                self._sq[name] = sq if prev is None else prev + sq
+                if self._active:
+                    self._add(name, self._layer_sq(name, module, x, grad.detach()))
 
             output.register_hook(on_grad)
 
         return hook
+
+    def _begin_call(self, name: str, x: torch.Tensor) -> None:
+        """Checks one tracked call of module `name` on the batch-first input `x` (new step, reuse, batch size)."""
+        if self._backward_started:  # a new step
+            self.reset()
+        if self._pending.get(name):
+            raise ValueError(
+                f"GradNormTracker: module '{name}' was called more than once in one forward (weights reused); "
+                "per-sample norms of reused parameters are not supported"
+            )
+        if x.dim() < 2:
+            raise ValueError(
+                f"GradNormTracker: module '{name}' got an input of shape {tuple(x.shape)}; batch-first "
+                "inputs [B, ...] are required"
+            )
+        b = int(x.shape[0])
+        if self._batch is None:
+            self._batch = b
+        elif self._batch != b:
+            raise ValueError(
+                f"GradNormTracker: module '{name}' saw batch size {b} but an earlier layer saw {self._batch}; "
+                "all tracked layers must see the same batch-first batch"
+            )
+
+    def _add(self, name: str, sq: torch.Tensor) -> None:
+        self._backward_started = True
+        self._pending[name] = False
+        prev = self._sq.get(name)
+        self._sq[name] = sq if prev is None else prev + sq
 
     def _layer_sq(self, name: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         if isinstance(module, nn.Linear):
@@ -268,6 +292,82 @@ class GradNormTracker:
             part = self._linear(name, a3, g3, weight, bias)
             total = part if total is None else total + part
         return total
+
+
+def _make_attention_forward(tracker: GradNormTracker, name: str):
+    """A forward for one nn.MultiheadAttention, used while the tracker is entered: the same computation as
+    F.multi_head_attention_forward, with the q, k and v input projections as three F.linear calls whose output
+    gradients are hooked (their per-sample norms add up to the one of in_proj_weight/in_proj_bias, whose row blocks
+    they are) and out_proj called as a module (tracked as a Linear)."""
+
+    def forward(
+        mod: nn.MultiheadAttention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
+        if query.dim() != 3:
+            raise ValueError(f"GradNormTracker: module '{name}' needs batched [.., .., E] inputs, got {query.shape}")
+        if not mod.batch_first:
+            query, key, value = (z.transpose(0, 1) for z in (query, key, value))
+        b, tq, e = query.shape
+        ts = key.shape[1]
+        h = mod.num_heads
+        hd = e // h
+        track = tracker._active and torch.is_grad_enabled()
+        if track:
+            tracker._begin_call(name, query)
+            tracker._pending[name] = True
+        if mod._qkv_same_embed_dim:
+            wq, wk, wv = mod.in_proj_weight.chunk(3)
+        else:
+            wq, wk, wv = mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight
+        wtrain = [_trainable(w) for w in ((mod.in_proj_weight,) * 3 if mod._qkv_same_embed_dim else (wq, wk, wv))]
+        bq = bk = bv = None
+        if mod.in_proj_bias is not None:
+            bq, bk, bv = mod.in_proj_bias.chunk(3)
+        btrain = _trainable(mod.in_proj_bias)
+        projected = []
+        for x, w, bias, wt in zip((query, key, value), (wq, wk, wv), (bq, bk, bv), wtrain):
+            y = F.linear(x, w, bias)
+            if track and y.requires_grad and (wt or btrain):
+                xd = x.detach()
+
+                def on_grad(g: torch.Tensor, xd: torch.Tensor = xd, wt: bool = wt) -> None:
+                    if tracker._active:
+                        tracker._add(name, tracker._linear(name, xd, g.detach(), wt, btrain))
+
+                y.register_hook(on_grad)
+            projected.append(y)
+        q, k, v = projected
+        q = q.reshape(b, tq, h, hd).transpose(1, 2)
+        k = k.reshape(b, ts, h, hd).transpose(1, 2)
+        v = v.reshape(b, ts, h, hd).transpose(1, 2)
+        scores = (q * hd**-0.5) @ k.transpose(-2, -1)  # [B, H, Tq, Ts]
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(tq, ts, dtype=torch.bool, device=q.device).triu(1)
+        if attn_mask is not None:
+            m = attn_mask if attn_mask.dim() == 2 else attn_mask.reshape(b, h, tq, ts)
+            scores = scores.masked_fill(m, float("-inf")) if m.dtype == torch.bool else scores + m
+        if key_padding_mask is not None:
+            m = key_padding_mask.reshape(b, 1, 1, ts)
+            scores = scores.masked_fill(m, float("-inf")) if m.dtype == torch.bool else scores + m
+        weights = torch.softmax(scores, dim=-1)
+        if mod.dropout > 0.0 and mod.training:
+            weights = F.dropout(weights, p=mod.dropout)
+        out = mod.out_proj((weights @ v).transpose(1, 2).reshape(b, tq, e))
+        if not mod.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, weights.mean(dim=1) if average_attn_weights else weights
+
+    return forward
 
 
 def _unfold(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> torch.Tensor:
