@@ -21,7 +21,7 @@ Per layer kind:
   back on exit. Batch-first or sequence-first, kdim/vdim, masks and attention weights are supported;
   ``add_bias_kv`` / ``add_zero_attn`` are not. The outputs match torch's to float rounding (~1e-7), not bitwise.
 
-Anything else that owns trainable parameters raises ``ValueError`` naming it when the tracker is entered (BatchNorm
+Anything else that owns trainable parameters raises ``ValueError`` naming it when the tracker is created (BatchNorm
 mixes samples through its batch statistics, so its "per-sample gradient" is not defined). Frozen parameters
 (``requires_grad=False``) are skipped. A parameter shared between modules, or a module called more than once in one
 forward, is refused: the per-sample norm of a sum of contributions is not the sum of their norms.
