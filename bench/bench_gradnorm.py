@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +238,10 @@ def main() -> None:
     ap.add_argument("--no-layers", action="store_true")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "IMPL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    # opacus registers full backward hooks on modules whose inputs need no gradient (the first layer), and vmap has
+    # no batching rule for the CPU flash-attention kernels: both say so on every call
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="There is a performance drop")
     if args.threads:
         torch.set_num_threads(args.threads)
         pg.set_num_threads(args.threads)
