@@ -89,7 +89,8 @@ void gradnorm_impl(const BatchView& a, const BatchView& g, GradNormMethod method
                           : static_cast<double>(t) * static_cast<double>(d_in) * static_cast<double>(d_out);
   const int64_t min_per_thread = std::max<int64_t>(1, static_cast<int64_t>(double(1 << 18) / std::max(work, 1.0)));
   const int ranges = parallel_ranges(nb, min_per_thread);
-  const bool small_t = t == 1;  // one position: ‖g aᵀ‖² = ‖a‖²‖g‖², no BLAS needed
+  // One position, ghost form: ‖g aᵀ‖² = ‖a‖²‖g‖², no BLAS needed (a forced "direct" still builds g aᵀ by tiles).
+  const bool small_t = t == 1 && method == GradNormMethod::ghost;
   SingleThreadedBlas single(ranges > 1 && !small_t);
   const int64_t tile = direct_tile_rows(d_out, d_in);
   parallel_for(nb, min_per_thread, [&](int, int64_t b0, int64_t b1) {
