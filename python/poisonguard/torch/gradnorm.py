@@ -410,29 +410,35 @@ def conv_operands(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> list[t
 
 
 def _embedding_sq(module: nn.Embedding, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per sample, the gradient rows of every distinct token id (the sum of that id's output gradients), squared."""
     b = idx.shape[0]
     idx = idx.reshape(b, -1)
-    g2 = g.reshape(b * idx.shape[1], -1).to(torch.float64)
+    g2 = g.reshape(b * idx.shape[1], -1)
     vocab = module.num_embeddings
     sample = torch.arange(b, device=idx.device).repeat_interleave(idx.shape[1])
     flat = idx.reshape(-1)
     if module.padding_idx is not None:
         keep = flat != module.padding_idx
         flat, sample, g2 = flat[keep], sample[keep], g2[keep]
-    key = sample * vocab + flat
-    uniq, inverse = torch.unique(key, return_inverse=True)
-    rows = torch.zeros(uniq.shape[0], g2.shape[1], dtype=torch.float64, device=g2.device).index_add_(0, inverse, g2)
+    uniq, inverse = torch.unique(sample * vocab + flat, return_inverse=True)
+    rows = torch.zeros(uniq.shape[0], g2.shape[1], dtype=g2.dtype, device=g2.device).index_add_(0, inverse, g2)
     out = torch.zeros(b, dtype=torch.float64, device=g2.device)
-    return out.index_add_(0, torch.div(uniq, vocab, rounding_mode="floor"), rows.pow(2).sum(dim=1))
+    return out.index_add_(0, torch.div(uniq, vocab, rounding_mode="floor"), _row_sq(rows))
+
+
+def _row_sq(m: torch.Tensor) -> torch.Tensor:
+    """Σ_j m[i, j]² per row of a 2-D tensor, float64."""
+    return torch.linalg.vector_norm(m, dim=1).double().pow(2)
 
 
 def _affine_sq(xhat: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool) -> torch.Tensor:
-    """``xhat`` and ``g`` as ``[B, P, N]``: per-sample Σ_p g·x̂ (weight) and Σ_p g (bias), squared and summed."""
+    """``xhat`` and ``g`` as ``[B, P, N]``: per-sample Σ_p g·x̂ (weight) and Σ_p g (bias), squared and summed (the sums
+    over positions in the input's dtype, as autograd's own reduction)."""
     out = torch.zeros(xhat.shape[0], dtype=torch.float64, device=xhat.device)
     if weight:
-        out += (g * xhat).sum(dim=1, dtype=torch.float64).pow(2).sum(dim=1)
+        out += _row_sq(torch.einsum("bpn,bpn->bn", g, xhat))
     if bias:
-        out += g.sum(dim=1, dtype=torch.float64).pow(2).sum(dim=1)
+        out += _row_sq(g.sum(dim=1))
     return out
 
 
@@ -442,16 +448,13 @@ def _layer_norm_sq(module: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor) -> to
     for s in module.normalized_shape:
         n *= s
     x3 = x.reshape(b, -1, n)
-    var, mean = torch.var_mean(x3, dim=2, unbiased=False, keepdim=True)
-    xhat = (x3 - mean) * torch.rsqrt(var + module.eps)
+    xhat = torch.native_layer_norm(x3, (n,), None, None, module.eps)[0]  # (x − μ)·rstd, as the forward computed it
     return _affine_sq(xhat, g.reshape(b, -1, n).to(xhat.dtype), _trainable(module.weight), _trainable(module.bias))
 
 
 def _group_norm_sq(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     b, c = x.shape[0], x.shape[1]
-    xg = x.reshape(b, module.num_groups, -1)
-    var, mean = torch.var_mean(xg, dim=2, unbiased=False, keepdim=True)
-    xhat = ((xg - mean) * torch.rsqrt(var + module.eps)).reshape(b, c, -1).transpose(1, 2)  # [B, P, C]
+    xhat = F.group_norm(x, module.num_groups, None, None, module.eps).reshape(b, c, -1).transpose(1, 2)  # [B, P, C]
     g3 = g.reshape(b, c, -1).transpose(1, 2).to(xhat.dtype)
     return _affine_sq(xhat, g3, _trainable(module.weight), _trainable(module.bias))
 
