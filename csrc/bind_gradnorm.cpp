@@ -1,8 +1,115 @@
 // pybind11 wrappers of the gradnorm kernels; registered by PYBIND11_MODULE in bindings.cpp.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+#include <string>
+
 #include "bind_util.h"
+#include "gradnorm.h"
 
 namespace py = pybind11;
 
-void pg_bind_gradnorm(py::module_& /*m*/) {}
+namespace {
+
+pg::BatchView host_batch(const py::array& x, bool bf16, const char* name) {
+  PG_CHECK(x.ndim() == 3, name, " must be 3-D [B, T, d], got ", x.ndim(), " dimension(s)");
+  pg::BatchView v;
+  v.dtype = pg_bind::host_dtype(x, bf16, name);
+  const auto item = x.itemsize();
+  PG_CHECK(x.strides(0) % item == 0 && x.strides(1) % item == 0 && x.strides(2) % item == 0, name,
+           " has strides that are not a multiple of its item size");
+  v.data = x.data();
+  v.batch = x.shape(0);
+  v.rows = x.shape(1);
+  v.cols = x.shape(2);
+  v.batch_stride = x.strides(0) / item;
+  v.row_stride = x.strides(1) / item;
+  v.col_stride = x.strides(2) / item;
+  return v;
+}
+
+pg::BatchView device_batch(std::uintptr_t ptr, const py::tuple& shape, const py::tuple& strides, int dtype) {
+  PG_CHECK(shape.size() == 3 && strides.size() == 3, "device arrays must be described by 3 sizes and 3 strides");
+  PG_CHECK_TYPE(dtype >= 0 && dtype <= 3, "unknown dtype code ", dtype);
+  pg::BatchView v;
+  v.data = reinterpret_cast<const void*>(ptr);
+  v.batch = shape[0].cast<int64_t>();
+  v.rows = shape[1].cast<int64_t>();
+  v.cols = shape[2].cast<int64_t>();
+  v.batch_stride = strides[0].cast<int64_t>();
+  v.row_stride = strides[1].cast<int64_t>();
+  v.col_stride = strides[2].cast<int64_t>();
+  v.dtype = static_cast<pg::DType>(dtype);
+  return v;
+}
+
+pg::GradNormMethod parse_method(const std::string& method, int64_t t, int64_t d_in, int64_t d_out) {
+  if (method == "ghost") return pg::GradNormMethod::ghost;
+  if (method == "direct") return pg::GradNormMethod::direct;
+  PG_CHECK(method == "auto", "method must be 'auto', 'ghost' or 'direct', got '", method, "'");
+  return pg::choose_gradnorm_method(t, d_in, d_out);
+}
+
+}  // namespace
+
+void pg_bind_gradnorm(py::module_& m) {
+  m.def(
+      "gradnorm_method",
+      [](int64_t t, int64_t d_in, int64_t d_out) {
+        PG_CHECK(t >= 0 && d_in >= 0 && d_out >= 0, "T, d_in and d_out must be >= 0");
+        return pg::choose_gradnorm_method(t, d_in, d_out) == pg::GradNormMethod::ghost ? "ghost" : "direct";
+      },
+      py::arg("t"), py::arg("d_in"), py::arg("d_out"),
+      "The form the cost model picks for a linear map with T positions, d_in inputs and d_out outputs.");
+
+  m.def(
+      "gradnorm_linear",
+      [](const py::array& a, const py::array& g, const std::string& method, py::array weight_sq,
+         const py::object& bias_sq, bool bf16) {
+        pg::BatchView av = host_batch(a, bf16, "a");
+        pg::BatchView gv = host_batch(g, bf16, "g");
+        PG_CHECK(av.batch == gv.batch && av.rows == gv.rows, "a [B, T, d_in] and g [B, T, d_out] must agree in B and ",
+                 "T, got a [", av.batch, ", ", av.rows, ", ", av.cols, "] and g [", gv.batch, ", ", gv.rows, ", ",
+                 gv.cols, "]");
+        const pg::GradNormMethod meth = parse_method(method, av.rows, av.cols, gv.cols);
+        double* w = pg_bind::mutable_data<double>(weight_sq, "weight_sq", {av.batch});
+        double* bsq = nullptr;
+        py::array bias_arr;
+        if (!bias_sq.is_none()) {
+          bias_arr = bias_sq.cast<py::array>();
+          bsq = pg_bind::mutable_data<double>(bias_arr, "bias_sq", {av.batch});
+        }
+        {
+          py::gil_scoped_release nogil;
+          pg::gradnorm_linear_cpu(av, gv, meth, w, bsq);
+        }
+        return meth == pg::GradNormMethod::ghost ? "ghost" : "direct";
+      },
+      py::arg("a"), py::arg("g"), py::arg("method"), py::arg("weight_sq"), py::arg("bias_sq") = py::none(),
+      py::arg("bf16") = false,
+      "Per-sample ‖G_bᵀ A_b‖_F² of a [B, T, d_in] and g [B, T, d_out] (host, strided, one dtype) into weight_sq [B] "
+      "float64, and ‖Σ_t g_t‖² into bias_sq [B] unless None; returns the form used ('ghost' or 'direct').");
+
+  m.def(
+      "gradnorm_linear_cuda",
+      [](std::uintptr_t a_ptr, const py::tuple& a_shape, const py::tuple& a_strides, std::uintptr_t g_ptr,
+         const py::tuple& g_shape, const py::tuple& g_strides, int dtype, const std::string& method,
+         std::uintptr_t weight_sq, std::uintptr_t bias_sq, std::uintptr_t stream) {
+        pg::BatchView av = device_batch(a_ptr, a_shape, a_strides, dtype);
+        pg::BatchView gv = device_batch(g_ptr, g_shape, g_strides, dtype);
+        PG_CHECK(av.batch == gv.batch && av.rows == gv.rows, "a and g must agree in B and T");
+        const pg::GradNormMethod meth = parse_method(method, av.rows, av.cols, gv.cols);
+        {
+          py::gil_scoped_release nogil;
+          pg::gradnorm_linear_cuda(av, gv, meth, reinterpret_cast<double*>(weight_sq),
+                                   reinterpret_cast<double*>(bias_sq), stream);
+        }
+        return meth == pg::GradNormMethod::ghost ? "ghost" : "direct";
+      },
+      py::arg("a_ptr"), py::arg("a_shape"), py::arg("a_strides"), py::arg("g_ptr"), py::arg("g_shape"),
+      py::arg("g_strides"), py::arg("dtype"), py::arg("method"), py::arg("weight_sq"), py::arg("bias_sq"),
+      py::arg("stream"),
+      "Device twin of gradnorm_linear: pointers, shapes and strides (elements) of CUDA arrays; float64 outputs "
+      "[B] (bias_sq 0 = none); enqueued on `stream`.");
+}

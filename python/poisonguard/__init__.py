@@ -11,7 +11,7 @@ _core = _load_core()
 
 from . import attacks, ops  # noqa: E402
 from .cluster import DensityClustering  # noqa: E402
-from .detect import ActivationClustering, SpectralSignature, Spectre  # noqa: E402
+from .detect import ActivationClustering, GradientOutliers, LossOutliers, SpectralSignature, Spectre  # noqa: E402
 from .ops import StreamingCovariance, randomized_svd, top_eigh  # noqa: E402
 from .workflow import ScanResult, scan  # noqa: E402
 
@@ -47,6 +47,8 @@ def set_num_threads(n: int) -> None:
 __all__ = [
     "ActivationClustering",
     "DensityClustering",
+    "GradientOutliers",
+    "LossOutliers",
     "ScanResult",
     "SpectralSignature",
     "Spectre",

@@ -190,3 +190,27 @@ def border_labels(
     core_label: npt.NDArray[np.int64],
     out: npt.NDArray[np.int64],
 ) -> None: ...
+
+# -- gradnorm: per-sample ‖G_bᵀ A_b‖_F² (csrc/bind_gradnorm.cpp) -------------------------------------------------
+def gradnorm_method(t: int, d_in: int, d_out: int) -> str: ...
+def gradnorm_linear(
+    a: npt.NDArray[Any],
+    g: npt.NDArray[Any],
+    method: str,
+    weight_sq: npt.NDArray[np.float64],
+    bias_sq: npt.NDArray[np.float64] | None = None,
+    bf16: bool = False,
+) -> str: ...
+def gradnorm_linear_cuda(
+    a_ptr: int,
+    a_shape: tuple[int, int, int],
+    a_strides: tuple[int, int, int],
+    g_ptr: int,
+    g_shape: tuple[int, int, int],
+    g_strides: tuple[int, int, int],
+    dtype: int,
+    method: str,
+    weight_sq: int,
+    bias_sq: int,
+    stream: int,
+) -> str: ...

@@ -279,3 +279,16 @@ def _dbscan(x, eps: float, min_samples: int, metric: str = "l2") -> tuple:
         if len(c):
             labels[r] = c.min()
     return labels, core
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-sample gradient norms (gradnorm): materialise every per-sample gradient in float64.
+
+
+def _linear_grad_sqnorms(a, g):
+    """``(‖g_bᵀ a_b‖_F² [B], ‖Σ_t g_bt‖² [B])`` in float64 for a [B, T, d_in] (or [B, d_in]) and g [B, T, d_out]."""
+    a, g = _to_float64(a), _to_float64(g)
+    if a.ndim == 2:
+        a, g = a[:, None, :], g[:, None, :]
+    m = np.einsum("bto,bti->boi", g, a)
+    return (m**2).sum(axis=(1, 2)), (g.sum(axis=1) ** 2).sum(axis=1)

@@ -2,7 +2,9 @@
 report()."""
 
 from .clustering import ActivationClustering
+from .gradients import GradientOutliers
+from .loss import LossOutliers
 from .spectral import SpectralSignature
 from .spectre import Spectre
 
-__all__ = ["ActivationClustering", "SpectralSignature", "Spectre"]
+__all__ = ["ActivationClustering", "GradientOutliers", "LossOutliers", "SpectralSignature", "Spectre"]

@@ -1,8 +1,11 @@
-"""Training-loop integrations for PyTorch (an optional dependency: this subpackage needs ``torch``).
+"""Training-loop integrations for PyTorch (an optional dependency: this subpackage needs ``torch``;
+``import poisonguard`` works without it).
 
-:func:`trimmed_cross_entropy`, :class:`TrimmedCrossEntropyLoss` and :func:`trimmed_loss` implement TRIM-style
-trimmed-loss training: each batch's loss is averaged over the rows with the smallest losses only, so a minority of
-poisoned (e.g. label-flipped) samples, which tend to have large losses, do not pull the model.
+- :func:`trimmed_cross_entropy`, :class:`TrimmedCrossEntropyLoss` and :func:`trimmed_loss` implement TRIM-style
+  trimmed-loss training: each batch's loss is averaged over the rows with the smallest losses only, so a minority of
+  poisoned (e.g. label-flipped) samples, which tend to have large losses, do not pull the model.
+- :class:`GradNormTracker` gives per-sample gradient norms from one ordinary backward, without per-sample gradients.
+- :class:`LossHistory` and :class:`GradNormHistory` record per-sample values over epochs and flag outliers.
 """
 
 from __future__ import annotations
@@ -15,6 +18,15 @@ except ImportError as exc:  # pragma: no cover - torch is installed in the test 
         "(or install torch for your platform from pytorch.org)"
     ) from exc
 
+from .gradnorm import GradNormTracker
+from .monitors import GradNormHistory, LossHistory
 from .trim import TrimmedCrossEntropyLoss, trimmed_cross_entropy, trimmed_loss
 
-__all__ = ["TrimmedCrossEntropyLoss", "trimmed_cross_entropy", "trimmed_loss"]
+__all__ = [
+    "GradNormHistory",
+    "GradNormTracker",
+    "LossHistory",
+    "TrimmedCrossEntropyLoss",
+    "trimmed_cross_entropy",
+    "trimmed_loss",
+]

@@ -1,0 +1,462 @@
+"""Per-sample gradient norms from one ordinary backward: :class:`GradNormTracker`.
+
+Forward hooks keep a reference to each tracked layer's input (no copy: autograd keeps the same tensor for the
+weight gradient anyway); a hook on the layer's output tensor receives the output gradient during the backward and
+computes that layer's per-sample squared norms at once, then drops the input, so nothing outlives the backward and no
+per-sample gradient is ever formed.
+
+Per layer kind:
+
+* ``Linear`` — inputs ``[B, ..., d_in]`` seen as ``[B, T, d_in]``: :func:`poisonguard.ops.linear_grad_sqnorms`
+  (ghost or direct form, chosen per layer by the cost model; see ``tracker.methods``);
+* ``Conv1d`` / ``Conv2d`` — the same kernel on the unfolded input (``F.unfold``: ``[B, L, C_in/groups·k]`` per group
+  of channels; stride, padding, padding mode, dilation and groups honoured);
+* ``Embedding`` — the gradient rows of one sample are summed per token id before squaring, so repeated tokens are
+  exact (``padding_idx`` rows get no gradient, as in torch);
+* ``LayerNorm`` / ``GroupNorm`` — per-sample affine gradients ``Σ_positions g·x̂`` and ``Σ g``, ``x̂`` recomputed from
+  the captured input;
+* ``MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer`` etc.) — while the tracker is entered its forward
+  is replaced by the same computation written with three ``F.linear`` input projections (hooked like Linear layers;
+  they are the row blocks of ``in_proj_weight``) and ``out_proj`` called as a module; the original forward is put
+  back on exit. Batch-first or sequence-first, kdim/vdim, masks and attention weights are supported;
+  ``add_bias_kv`` / ``add_zero_attn`` are not. The outputs match torch's to float rounding (~1e-7), not bitwise.
+
+Anything else that owns trainable parameters raises ``ValueError`` naming it when the tracker is created (BatchNorm
+mixes samples through its batch statistics, so its "per-sample gradient" is not defined). Frozen parameters
+(``requires_grad=False``) are skipped. A parameter shared between modules, or a module called more than once in one
+forward, is refused: the per-sample norm of a sum of contributions is not the sum of their norms.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.gradnorm import METHODS, linear_grad_sqnorms
+
+_REDUCTIONS = ("mean", "sum")
+_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention)
+_MHA_PARAMS = {"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight"}
+
+
+def _trainable(p: Any) -> bool:
+    return p is not None and p.requires_grad
+
+
+def _unsupported_message(name: str, module: nn.Module) -> str:
+    kind = type(module).__name__
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        why = (
+            "BatchNorm mixes the samples of a batch through its batch statistics, so a sample's gradient depends on "
+            "the others and per-sample gradient norms are not defined; use GroupNorm/LayerNorm, or freeze its affine "
+            "parameters (requires_grad_(False)), or put it in eval mode and freeze it"
+        )
+    elif isinstance(module, nn.MultiheadAttention):
+        why = (
+            "nn.MultiheadAttention with add_bias_kv=True or add_zero_attn=True is not supported (the plain and "
+            "kdim/vdim forms are)"
+        )
+    else:
+        names = ", ".join(t.__name__ for t in _SUPPORTED)
+        why = f"supported layers with trainable parameters are {names}"
+    return f"GradNormTracker cannot track module '{name}' ({kind}): {why}"
+
+
+class GradNormTracker:
+    """Context manager: per-sample L2 norms of the full gradient over the trainable parameters of ``model``, from the
+    one ordinary backward of a training step.
+
+    Parameters
+    ----------
+    model : the ``nn.Module``; every submodule that owns trainable parameters must be one of ``Linear``, ``Conv1d``,
+        ``Conv2d``, ``Embedding``, ``LayerNorm``, ``GroupNorm``, ``MultiheadAttention`` (else ``ValueError`` when the
+        tracker is created). Inputs are batch-first (sequence-first MultiheadAttention inputs are fine).
+    loss_reduction : ``"mean"`` (default) when the loss is the mean of ``B`` per-sample losses: the captured output
+        gradients are then ``1/B`` of the per-sample ones and the norms are multiplied by ``B``; ``"sum"`` when the loss
+        is their sum (norms as captured).
+    method : ``"auto"`` (default; per layer by the cost model), ``"ghost"`` or ``"direct"`` for the linear maps.
+
+    After the backward (inside the ``with`` block or after it): ``norms`` — float64 tensor ``[B]`` on the model's
+    device; ``layer_norms`` — module name → ``[B]``; ``methods`` — module name → ``"ghost"`` / ``"direct"`` for the
+    linear maps (Linear, Conv), ``"exact"`` for the others. A new forward after a backward starts a new step (the
+    previous norms are cleared). The backward must run while the tracker is entered; the hooks are removed on exit,
+    also when the block raises.
+
+    Example::
+
+        with GradNormTracker(model) as tracker:
+            loss = F.cross_entropy(model(x), y)  # mean over the batch
+            loss.backward()
+        per_sample = tracker.norms  # [B]
+    """
+
+    def __init__(self, model: nn.Module, loss_reduction: str = "mean", method: str = "auto") -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if loss_reduction not in _REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {_REDUCTIONS}, got {loss_reduction!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.model = model
+        self.loss_reduction = loss_reduction
+        self.method = method
+        self._handles: list[Any] = []
+        self._active = False
+        self._pending: dict[str, bool] = {}
+        self._sq: dict[str, torch.Tensor] = {}
+        self.methods: dict[str, str] = {}
+        self._batch: int | None = None
+        self._backward_started = False
+        self._layers = self._collect()
+
+    # -- set-up -------------------------------------------------------------------------------------------------------
+    def _collect(self) -> list[tuple[str, nn.Module]]:
+        owners: dict[int, str] = {}
+        seen: dict[int, str] = {}
+        layers = []
+        self._attention: list[tuple[str, nn.MultiheadAttention]] = []
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            if isinstance(module, nn.MultiheadAttention) and any(p.requires_grad for p in module.parameters()):
+                # its forward must be replaced even when only out_proj trains: out_proj is applied functionally
+                if module.bias_k is not None or module.add_zero_attn:
+                    raise ValueError(_unsupported_message(name or "<model>", module))
+                self._attention.append((name or "<model>", module))
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            label = name or "<model>"
+            if id(module) in seen:
+                raise ValueError(
+                    f"GradNormTracker: module '{seen[id(module)]}' is registered again as '{label}' (shared weights); "
+                    "per-sample norms of shared parameters are not supported"
+                )
+            seen[id(module)] = label
+            for pname, p in module.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                if id(p) in owners:
+                    raise ValueError(
+                        f"GradNormTracker: parameter '{label}.{pname}' is shared with '{owners[id(p)]}' (tied "
+                        "weights); per-sample norms of shared parameters are not supported"
+                    )
+                owners[id(p)] = f"{label}.{pname}"
+            if not isinstance(module, _SUPPORTED):
+                raise ValueError(_unsupported_message(label, module))
+            if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+                raise ValueError(
+                    f"GradNormTracker cannot track module '{label}' (Embedding with scale_grad_by_freq=True): its "
+                    "gradient scaling depends on the token counts of the whole batch"
+                )
+            allowed = _MHA_PARAMS if isinstance(module, nn.MultiheadAttention) else {"weight", "bias"}
+            extra = {n for n, _ in module.named_parameters(recurse=False)} - allowed
+            if extra:
+                raise ValueError(
+                    f"GradNormTracker cannot track module '{label}': unexpected parameters {sorted(extra)}"
+                )
+            if not isinstance(module, nn.MultiheadAttention):
+                layers.append((label, module))
+        return layers
+
+    def __enter__(self) -> GradNormTracker:
+        if self._active:
+            raise RuntimeError("this GradNormTracker is already entered")
+        self.reset()
+        for name, module in self._layers:
+            self._handles.append(module.register_forward_hook(self._make_forward_hook(name)))
+        for name, module in self._attention:
+            module.forward = types.MethodType(_make_attention_forward(self, name), module)
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._active = False
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for _, module in self._attention:
+            module.__dict__.pop("forward", None)
+        self._pending.clear()
+
+    def reset(self) -> None:
+        """Forgets the norms of the previous step."""
+        self._sq = {}
+        self.methods = {}
+        self._pending = {}
+        self._batch = None
+        self._backward_started = False
+
+    # -- results ------------------------------------------------------------------------------------------------------
+    def _scale(self) -> float:
+        return float(self._batch) if self.loss_reduction == "mean" and self._batch else 1.0
+
+    @property
+    def layer_norms(self) -> dict[str, torch.Tensor]:
+        """Module name → per-sample L2 norm ``[B]`` (float64) of the gradient of that module's trainable parameters."""
+        s = self._scale()
+        return {name: sq.sqrt() * s for name, sq in self._sq.items()}
+
+    @property
+    def norms(self) -> torch.Tensor:
+        """Per-sample L2 norm ``[B]`` (float64) of the gradient over all tracked trainable parameters."""
+        if not self._sq:
+            raise RuntimeError(
+                "no per-sample norms yet: run a forward and a backward inside the tracker's `with` block"
+            )
+        total = None
+        for sq in self._sq.values():
+            total = sq.clone() if total is None else total + sq
+        return total.sqrt() * self._scale()
+
+    # -- hooks --------------------------------------------------------------------------------------------------------
+    def _make_forward_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if not self._active or not torch.is_grad_enabled():
+                return
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            self._begin_call(name, inputs[0])
+            x = inputs[0]
+            self._pending[name] = True
+            x = x.detach()
+
+            def on_grad(grad: torch.Tensor) -> None:
+                if self._active:
+                    self._add(name, self._layer_sq(name, module, x, grad.detach()))
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def _begin_call(self, name: str, x: torch.Tensor) -> None:
+        """Checks one tracked call of module `name` on the batch-first input `x` (new step, reuse, batch size)."""
+        if self._backward_started:  # a new step
+            self.reset()
+        if self._pending.get(name):
+            raise ValueError(
+                f"GradNormTracker: module '{name}' was called more than once in one forward (weights reused); "
+                "per-sample norms of reused parameters are not supported"
+            )
+        if x.dim() < 2:
+            raise ValueError(
+                f"GradNormTracker: module '{name}' got an input of shape {tuple(x.shape)}; batch-first "
+                "inputs [B, ...] are required"
+            )
+        b = int(x.shape[0])
+        if self._batch is None:
+            self._batch = b
+        elif self._batch != b:
+            raise ValueError(
+                f"GradNormTracker: module '{name}' saw batch size {b} but an earlier layer saw {self._batch}; "
+                "all tracked layers must see the same batch-first batch"
+            )
+
+    def _add(self, name: str, sq: torch.Tensor) -> None:
+        self._backward_started = True
+        self._pending[name] = False
+        prev = self._sq.get(name)
+        self._sq[name] = sq if prev is None else prev + sq
+
+    def _layer_sq(self, name: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if isinstance(module, nn.Linear):
+            b = x.shape[0]
+            a3 = x.reshape(b, -1, x.shape[-1])
+            g3 = g.reshape(b, -1, g.shape[-1])
+            return self._linear(name, a3, g3, _trainable(module.weight), _trainable(module.bias))
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            return self._conv(name, module, x, g)
+        self.methods[name] = "exact"
+        if isinstance(module, nn.Embedding):
+            return _embedding_sq(module, x, g)
+        if isinstance(module, nn.LayerNorm):
+            return _layer_norm_sq(module, x, g)
+        return _group_norm_sq(module, x, g)
+
+    def _linear(self, name: str, a3: torch.Tensor, g3: torch.Tensor, weight: bool, bias: bool) -> torch.Tensor:
+        if g3.dtype != a3.dtype:  # mixed precision: one documented cast to the input's dtype
+            g3 = g3.to(a3.dtype)
+        if weight:
+            w, bsq, used = linear_grad_sqnorms(a3, g3, method=self.method, bias=bias)
+            self.methods[name] = used
+            return w + bsq if bias else w
+        self.methods[name] = "exact"
+        return g3.sum(dim=1, dtype=torch.float64).pow(2).sum(dim=1)
+
+    def _conv(self, name: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        weight, bias = _trainable(module.weight), _trainable(module.bias)
+        total = None
+        for a3, g3 in conv_operands(module, x, g):
+            part = self._linear(name, a3, g3, weight, bias)
+            total = part if total is None else total + part
+        return total
+
+
+def _make_attention_forward(tracker: GradNormTracker, name: str):
+    """A forward for one nn.MultiheadAttention, used while the tracker is entered: the same computation as
+    F.multi_head_attention_forward, with the q, k and v input projections as three F.linear calls whose output
+    gradients are hooked (their per-sample norms add up to the one of in_proj_weight/in_proj_bias, whose row blocks
+    they are) and out_proj called as a module (tracked as a Linear)."""
+
+    def forward(
+        mod: nn.MultiheadAttention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
+        if query.dim() != 3:
+            raise ValueError(f"GradNormTracker: module '{name}' needs batched [.., .., E] inputs, got {query.shape}")
+        if not mod.batch_first:
+            query, key, value = (z.transpose(0, 1) for z in (query, key, value))
+        b, tq, e = query.shape
+        ts = key.shape[1]
+        h = mod.num_heads
+        hd = e // h
+        track = tracker._active and torch.is_grad_enabled()
+        if track:
+            tracker._begin_call(name, query)
+            tracker._pending[name] = True
+        if mod._qkv_same_embed_dim:
+            wq, wk, wv = mod.in_proj_weight.chunk(3)
+        else:
+            wq, wk, wv = mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight
+        wtrain = [_trainable(w) for w in ((mod.in_proj_weight,) * 3 if mod._qkv_same_embed_dim else (wq, wk, wv))]
+        bq = bk = bv = None
+        if mod.in_proj_bias is not None:
+            bq, bk, bv = mod.in_proj_bias.chunk(3)
+        btrain = _trainable(mod.in_proj_bias)
+        projected = []
+        for x, w, bias, wt in zip((query, key, value), (wq, wk, wv), (bq, bk, bv), wtrain):
+            y = F.linear(x, w, bias)
+            if track and y.requires_grad and (wt or btrain):
+                xd = x.detach()
+
+                def on_grad(g: torch.Tensor, xd: torch.Tensor = xd, wt: bool = wt) -> None:
+                    if tracker._active:
+                        tracker._add(name, tracker._linear(name, xd, g.detach(), wt, btrain))
+
+                y.register_hook(on_grad)
+            projected.append(y)
+        q, k, v = projected
+        q = q.reshape(b, tq, h, hd).transpose(1, 2)
+        k = k.reshape(b, ts, h, hd).transpose(1, 2)
+        v = v.reshape(b, ts, h, hd).transpose(1, 2)
+        scores = (q * hd**-0.5) @ k.transpose(-2, -1)  # [B, H, Tq, Ts]
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(tq, ts, dtype=torch.bool, device=q.device).triu(1)
+        if attn_mask is not None:
+            m = attn_mask if attn_mask.dim() == 2 else attn_mask.reshape(b, h, tq, ts)
+            scores = scores.masked_fill(m, float("-inf")) if m.dtype == torch.bool else scores + m
+        if key_padding_mask is not None:
+            m = key_padding_mask.reshape(b, 1, 1, ts)
+            scores = scores.masked_fill(m, float("-inf")) if m.dtype == torch.bool else scores + m
+        weights = torch.softmax(scores, dim=-1)
+        if mod.dropout > 0.0 and mod.training:
+            weights = F.dropout(weights, p=mod.dropout)
+        out = mod.out_proj((weights @ v).transpose(1, 2).reshape(b, tq, e))
+        if not mod.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, weights.mean(dim=1) if average_attn_weights else weights
+
+    return forward
+
+
+def _unfold(x: torch.Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> torch.Tensor:
+    """``F.unfold(x, kernel, dilation, padding=0, stride)`` ``[B, C·kh·kw, L]`` as one copy of a strided window view
+    of ``x`` (torch's CPU im2col was ~7x slower here)."""
+    b, c, h, w = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    s0, s1, s2, s3 = x.stride()
+    windows = x.as_strided((b, c, kh, kw, ho, wo), (s0, s1, dh * s2, dw * s3, sh * s2, sw * s3), x.storage_offset())
+    return windows.reshape(b, c * kh * kw, ho * wo)
+
+
+def conv_operands(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The linear-map operands ``(a [B, L, C_in/groups·k], g [B, L, C_out/groups])`` of a Conv1d/Conv2d, one pair per
+    group of channels: the input unfolded (as ``F.unfold``, after the module's padding and padding mode) and the output
+    gradient, both as strided views of ``[B, ·, L]`` tensors (the unfolded input is the one new tensor)."""
+    b = x.shape[0]
+    pad = module._reversed_padding_repeated_twice
+    if any(pad):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
+    else:
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    cols = _unfold(x, kernel, stride, dilation)  # [B, C_in·k, L]
+    a3 = cols.transpose(1, 2)  # [B, L, C_in·k]
+    g3 = g.reshape(b, g.shape[1], -1).transpose(1, 2)  # [B, L, C_out]
+    if a3.shape[1] != g3.shape[1]:
+        raise ValueError(
+            f"GradNormTracker: unfolded input has {a3.shape[1]} positions but the output gradient has {g3.shape[1]}"
+        )
+    groups = module.groups
+    if groups == 1:
+        return [(a3, g3)]
+    din, dout = a3.shape[2] // groups, g3.shape[2] // groups
+    return [(a3[:, :, k * din : (k + 1) * din], g3[:, :, k * dout : (k + 1) * dout]) for k in range(groups)]
+
+
+def _embedding_sq(module: nn.Embedding, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per sample, the gradient rows of every distinct token id (the sum of that id's output gradients), squared."""
+    b = idx.shape[0]
+    idx = idx.reshape(b, -1)
+    g2 = g.reshape(b * idx.shape[1], -1)
+    vocab = module.num_embeddings
+    sample = torch.arange(b, device=idx.device).repeat_interleave(idx.shape[1])
+    flat = idx.reshape(-1)
+    if module.padding_idx is not None:
+        keep = flat != module.padding_idx
+        flat, sample, g2 = flat[keep], sample[keep], g2[keep]
+    uniq, inverse = torch.unique(sample * vocab + flat, return_inverse=True)
+    rows = torch.zeros(uniq.shape[0], g2.shape[1], dtype=g2.dtype, device=g2.device).index_add_(0, inverse, g2)
+    out = torch.zeros(b, dtype=torch.float64, device=g2.device)
+    return out.index_add_(0, torch.div(uniq, vocab, rounding_mode="floor"), _row_sq(rows))
+
+
+def _row_sq(m: torch.Tensor) -> torch.Tensor:
+    """Σ_j m[i, j]² per row of a 2-D tensor, float64."""
+    return torch.linalg.vector_norm(m, dim=1).double().pow(2)
+
+
+def _affine_sq(xhat: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool) -> torch.Tensor:
+    """``xhat`` and ``g`` as ``[B, P, N]``: per-sample Σ_p g·x̂ (weight) and Σ_p g (bias), squared and summed (the sums
+    over positions in the input's dtype, as autograd's own reduction)."""
+    out = torch.zeros(xhat.shape[0], dtype=torch.float64, device=xhat.device)
+    if weight:
+        out += _row_sq(torch.einsum("bpn,bpn->bn", g, xhat))
+    if bias:
+        out += _row_sq(g.sum(dim=1))
+    return out
+
+
+def _layer_norm_sq(module: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    b = x.shape[0]
+    n = 1
+    for s in module.normalized_shape:
+        n *= s
+    x3 = x.reshape(b, -1, n)
+    xhat = torch.native_layer_norm(x3, (n,), None, None, module.eps)[0]  # (x − μ)·rstd, as the forward computed it
+    return _affine_sq(xhat, g.reshape(b, -1, n).to(xhat.dtype), _trainable(module.weight), _trainable(module.bias))
+
+
+def _group_norm_sq(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    b, c = x.shape[0], x.shape[1]
+    xhat = F.group_norm(x, module.num_groups, None, None, module.eps).reshape(b, c, -1).transpose(1, 2)  # [B, P, C]
+    g3 = g.reshape(b, c, -1).transpose(1, 2).to(xhat.dtype)
+    return _affine_sq(xhat, g3, _trainable(module.weight), _trainable(module.bias))
+
+
+__all__ = ["GradNormTracker"]
