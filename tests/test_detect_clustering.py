@@ -18,9 +18,10 @@ from sklearn.metrics import adjusted_rand_score, silhouette_score  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 
-def _classes(rng, n=3000, d=16, g=3, sub=None, spread=6.0):
+def _classes(rng, n=3000, d=16, g=3, sub=None, spread=6.0, wide=1.0):
     """``g`` Gaussian classes; ``sub = (class, n_rows, shift)`` moves ``n_rows`` of that class by ``shift`` along a
-    random direction (a planted sub-cluster). Returns (x, y, planted indices)."""
+    random direction (a planted sub-cluster), their spread ``wide`` times the class's (relabelled poison keeps the
+    variation of its source classes; ``wide=1`` makes a sub-style of the class). Returns (x, y, planted indices)."""
     y = rng.integers(0, g, n)
     scale = 0.5 + rng.random(d)  # anisotropic: PCA has a preferred order
     x = rng.standard_normal((n, d)) * scale + spread * rng.standard_normal((g, d))[y]
@@ -29,7 +30,8 @@ def _classes(rng, n=3000, d=16, g=3, sub=None, spread=6.0):
         c, m, shift = sub
         planted = np.sort(rng.choice(np.flatnonzero(y == c), m, replace=False))
         u = rng.standard_normal(d)
-        x[planted] += shift * u / np.linalg.norm(u)
+        centre = x[y == c].mean(axis=0)
+        x[planted] = centre + (x[planted] - centre) * wide + shift * u / np.linalg.norm(u)
     return x, y, planted
 
 
@@ -177,14 +179,14 @@ def test_numpy_kmeans_fit_rows_assigns_everything(monkeypatch):
     rng = np.random.default_rng(3)
     x, y, planted = _classes(rng, n=2000, g=1, sub=(0, 150, 12.0))
     monkeypatch.setitem(sys.modules, "faiss", None)
-    det = ActivationClustering(fit_rows=300).fit(x, y)
+    det = ActivationClustering(fit_rows=300, min_spread=0).fit(x, y)
     assert set(np.flatnonzero(det.is_poison_)) == set(planted)
 
 
 def test_hdbscan_agrees_with_sklearn(monkeypatch):
     rng = np.random.default_rng(4)
     x, y, planted = _classes(rng, n=1500, g=2, sub=(0, 60, 14.0))
-    kw = {"n_components": 4, "method": "hdbscan", "min_cluster_size": 20, "min_samples": 5}
+    kw = {"n_components": 4, "method": "hdbscan", "min_cluster_size": 20, "min_samples": 5, "min_spread": 0}
     refs = [
         HDBSCAN(min_cluster_size=20, min_samples=5, allow_single_cluster=True, copy=True).fit_predict(
             _pca_by_class(x, y, c, 4)
@@ -211,7 +213,7 @@ def test_dbscan_agrees_with_sklearn():
 
     rng = np.random.default_rng(5)
     x, y, planted = _classes(rng, n=1500, g=2, sub=(0, 60, 14.0))
-    det = ActivationClustering(n_components=3, method="dbscan", eps=2.5, min_samples=5).fit(x, y)
+    det = ActivationClustering(n_components=3, method="dbscan", eps=2.5, min_samples=5, min_spread=0).fit(x, y)
     for c in range(2):
         ref = DBSCAN(eps=2.5, min_samples=5).fit_predict(_pca_by_class(x, y, c, 3))
         assert adjusted_rand_score(det.clusters_[y == c], ref) > 0.95
@@ -225,7 +227,7 @@ def test_dbscan_agrees_with_sklearn():
 def test_planted_small_cluster_is_found(method):
     rng = np.random.default_rng(6)
     x, y, planted = _classes(rng, n=4000, g=4, sub=(2, 120, 12.0))
-    det = ActivationClustering(method=method).fit(x.astype(np.float32), y)
+    det = ActivationClustering(method=method, min_spread=0).fit(x.astype(np.float32), y)
     assert det.is_poison_[planted].mean() >= 0.95
     clean = np.ones(len(x), dtype=bool)
     clean[planted] = False
@@ -299,7 +301,7 @@ def test_art_preset_matches_art_defence_when_installed():
 def test_ica_finds_a_separated_cluster():
     rng = np.random.default_rng(9)
     x, y, planted = _classes(rng, n=2000, g=2, sub=(1, 80, 20.0))
-    det = ActivationClustering(reduce="ica", n_components=4).fit(x, y)
+    det = ActivationClustering(reduce="ica", n_components=4, min_spread=0).fit(x, y)
     assert set(np.flatnonzero(det.is_poison_)) == set(planted)
     assert det.report()["params"]["ica_iterations_max"] >= 1
 
@@ -310,7 +312,7 @@ def test_distance_rule_finds_a_cluster_near_another_class():
     idx = np.flatnonzero(y == 0)[:100]
     donor = np.flatnonzero(y == 2)[:100]
     x[idx] = x[donor] + 0.1 * rng.standard_normal(x[donor].shape)  # class-2 look-alikes labelled 0
-    det = ActivationClustering(analysis="distance").fit(x, y)
+    det = ActivationClustering(analysis="distance", min_spread=0).fit(x, y)
     assert set(np.flatnonzero(det.is_poison_)) == set(idx)
     art = ActivationClustering(analysis="distance", preset="art").fit(x, y)
     assert art.is_poison_[idx].all()
@@ -397,7 +399,7 @@ def test_deterministic_for_a_seed(kw):
 def test_report_contents():
     rng = np.random.default_rng(14)
     x, y, planted = _classes(rng, n=2000, sub=(1, 90, 12.0))
-    det = ActivationClustering(analysis="silhouette").fit(x, y)
+    det = ActivationClustering(analysis="silhouette", min_spread=0).fit(x, y)
     rep = det.report()
     assert rep["method"] == "activation-clustering"
     assert rep["params"]["analysis"] == "silhouette" and rep["params"]["min_separation"] == 4.5
@@ -428,3 +430,17 @@ def test_array_and_npy_memmap_give_the_same_result(tmp_path):
     for other in (b, c):
         np.testing.assert_array_equal(a.is_poison_, other.is_poison_)
         np.testing.assert_allclose(a.scores_, other.scores_, rtol=1e-5, atol=1e-6)
+
+
+def test_spread_gate_spares_a_narrow_sub_style(rng):
+    x, y, planted = _classes(rng, sub=(1, 300, 40.0), wide=2.5)
+    det = ActivationClustering().fit(x, y)
+    assert det.is_poison_[planted].mean() > 0.95 and det.spread_[1] >= 2.0
+    x, y, planted = _classes(rng, sub=(1, 300, 40.0), wide=1.0)
+    narrow = ActivationClustering().fit(x, y)
+    assert not narrow.is_poison_.any() and narrow.spread_[1] < 2.0 and np.isinf(narrow.threshold_[1])
+    loose = ActivationClustering(min_spread=0).fit(x, y)
+    assert loose.is_poison_[planted].mean() > 0.95
+    assert ActivationClustering(preset="art").min_spread == 0 and narrow.report()["params"]["min_spread"] == 2.0
+    with pytest.raises(ValueError, match="min_spread"):
+        ActivationClustering(min_spread=-1)

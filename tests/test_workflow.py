@@ -6,14 +6,17 @@ import json
 
 import numpy as np
 import pytest
-from poisonguard import ScanResult, SpectralSignature, Spectre, scan
+from poisonguard import ActivationClustering, ScanResult, SpectralSignature, Spectre, scan
 
 
 def _poisoned(rng, n=6000, d=32, g=4, n_poison=150, shift=2.0):
+    """A BadNets-like all-to-one attack: ``n_poison`` samples of the other classes get a common trigger offset and
+    are relabelled to class 1 (they keep their source classes' variation)."""
     y = rng.integers(0, g, n)
     x = rng.standard_normal((n, d)) + 3 * rng.standard_normal((g, d))[y]
-    poison = np.sort(rng.choice(np.flatnonzero(y == 1), n_poison, replace=False))
-    x[poison] += shift * rng.standard_normal(d)
+    poison = np.sort(rng.choice(np.flatnonzero(y != 1), n_poison, replace=False)) if n_poison else np.zeros(0, int)
+    x[poison] += 3 * shift * rng.standard_normal(d)
+    y[poison] = 1
     return x.astype(np.float32), y, poison
 
 
@@ -22,24 +25,53 @@ def test_scan_equals_the_detectors_run_alone(rng):
     res = scan(x, y, spectre={"n_components": 8})
     alone_spectral = SpectralSignature("auto").fit(x, y)
     alone_spectre = Spectre("auto", n_components=8).fit(x, y)
+    alone_clustering = ActivationClustering().fit(x, y)
     np.testing.assert_allclose(res.scores["spectral"], alone_spectral.scores_, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(res.scores["spectre"], alone_spectre.scores_, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(res.is_poison, res.flags["spectral"] | res.flags["spectre"])
+    np.testing.assert_allclose(res.scores["spectre"], alone_spectre.scores_, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(res.flags["clustering"], alone_clustering.is_poison_)
+    assert res.consensus == "2"
+    np.testing.assert_array_equal(res.is_poison, res.votes >= 2)
     assert res.is_poison[poison].mean() >= 0.95
-    assert res.meta["n_components"] == 8
+    assert res.flags["spectral"][poison].mean() >= 0.95 and res.flags["clustering"][poison].mean() >= 0.95
+    assert res.meta["n_components"] == 10  # the most any method needs (clustering's 10)
 
 
 def test_consensus_rules_and_tables(rng):
     x, y, _ = _poisoned(rng)
-    both = scan(x, y, consensus="all", spectre={"n_components": 8})
-    np.testing.assert_array_equal(both.is_poison, both.flags["spectral"] & both.flags["spectre"])
-    two = scan(x, y, consensus=2, spectre={"n_components": 8})
-    np.testing.assert_array_equal(two.is_poison, both.is_poison)
-    (ag,) = both.agreement
-    assert ag["both"] == int((both.flags["spectral"] & both.flags["spectre"]).sum())
-    assert sum(r["samples"] for r in both.per_class) == len(x)
-    assert "consensus" in both.table()
-    assert len(both.clean_indices()) == len(x) - both.is_poison.sum()
+    res = scan(x, y, consensus="all", spectre={"n_components": 8})
+    f = res.flags
+    np.testing.assert_array_equal(res.is_poison, f["spectral"] & f["spectre"] & f["clustering"])
+    np.testing.assert_array_equal(res.votes, f["spectral"].astype(int) + f["spectre"] + f["clustering"])
+    anyone = scan(x, y, consensus="any", spectre={"n_components": 8})
+    np.testing.assert_array_equal(anyone.is_poison, f["spectral"] | f["spectre"] | f["clustering"])
+    assert [(a["a"], a["b"]) for a in res.agreement] == [
+        ("spectral", "spectre"),
+        ("spectral", "clustering"),
+        ("spectre", "clustering"),
+    ]
+    assert res.agreement[0]["both"] == int((f["spectral"] & f["spectre"]).sum())
+    table = res.overlap_table()
+    assert "votes: 1:" in table and "consensus (all)" in table
+    assert f"{int((f['spectral'] & f['clustering']).sum())}" in table.splitlines()[1]
+    assert sum(r["samples"] for r in res.per_class) == len(x)
+    assert "consensus" in res.table()
+    assert len(res.clean_indices()) == len(x) - res.is_poison.sum()
+    one = scan(x, y, methods=("spectral",))
+    assert one.consensus == "any" and (one.is_poison == one.flags["spectral"]).all()
+
+
+def test_losses_and_gradient_norms_are_more_evidence(rng):
+    x, y, poison = _poisoned(rng, n=3000)
+    losses = 2.0 + 0.1 * rng.standard_normal(len(y))
+    losses[poison] = 1e-2  # learned fast: unusually low loss
+    norms = 1.0 + 0.1 * rng.standard_normal(len(y))
+    norms[poison] *= 8  # unusually large gradients
+    res = scan(x, y, methods=("spectral",), losses=losses, grad_norms=norms)
+    assert list(res.flags) == ["spectral", "loss", "gradient"] and res.consensus == "2"
+    assert res.flags["loss"][poison].mean() > 0.9 and res.flags["gradient"][poison].mean() > 0.9
+    assert res.is_poison[poison].mean() > 0.9 and res.reports["loss"]["method"]
+    with pytest.raises(ValueError):
+        scan(x, y, methods=("spectral",), losses=losses[:-1])
 
 
 def test_save_and_load_round_trip(rng, tmp_path):
@@ -63,7 +95,9 @@ def test_bad_arguments(rng):
     with pytest.raises(ValueError, match="methods"):
         scan(x, y, methods=())
     with pytest.raises(ValueError, match="consensus"):
-        scan(x, y, consensus=3)
+        scan(x, y, consensus=4)
+    with pytest.raises(ValueError, match="consensus"):
+        scan(x, y, methods=("spectral", "spectre"), consensus=3)
     with pytest.raises(ValueError, match="rows"):
         scan(x, y[:-1])
 
@@ -77,7 +111,7 @@ def test_cli_scan(rng, tmp_path, capsys):
     argv = ["scan", str(tmp_path / "acts.npy"), "--labels", str(tmp_path / "labels.npy"), "--out", str(tmp_path / "o")]
     assert cli.main([*argv, "--consensus", "2"]) == 0
     out = capsys.readouterr().out
-    assert "Jaccard" in out and "consensus" in out
+    assert "votes:" in out and "consensus (2)" in out and "clustering" in out
     assert ScanResult.load(tmp_path / "o").consensus == "2"
     assert cli.main([*argv, "--methods", "spectral", "--expected-poison-fraction", "0.1"]) == 0
     with pytest.raises(SystemExit):

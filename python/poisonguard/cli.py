@@ -38,7 +38,15 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         except ValueError:
             raise SystemExit(f"--expected-poison-fraction must be a number or 'auto', got {fraction!r}") from None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    consensus: str | int = int(args.consensus) if args.consensus.isdigit() else args.consensus
+    consensus: str | int | None = None
+    if args.consensus is not None:
+        consensus = int(args.consensus) if args.consensus.isdigit() else args.consensus
+    evidence = {}
+    for key, path in (("losses", args.losses), ("grad_norms", args.grad_norms)):
+        if path:
+            import numpy as np
+
+            evidence[key] = np.load(path, allow_pickle=False)
     result = scan(
         args.activations,
         args.labels,
@@ -47,13 +55,15 @@ def _cmd_scan(args: argparse.Namespace) -> int:
         consensus=consensus,
         chunk_rows=args.chunk_rows,
         progress=not args.quiet,
+        **evidence,
     )
     print(f"scanned {len(result.is_poison)} samples with {', '.join(result.flags)} in {result.seconds:.2f} s")
     print(result.table())
-    for a in result.agreement:
-        print(f"agreement {a['a']}/{a['b']}: both {a['both']}, only {a['a']} {a['only_a']}, only {a['b']} "
-              f"{a['only_b']}, Jaccard {a['jaccard']:.2f}")  # fmt: skip
-    print(f"flagged ({result.consensus}): {int(result.is_poison.sum())}")
+    if len(result.flags) > 1:
+        print("flagged by both (rows x columns):")
+        print(result.overlap_table())
+    else:
+        print(f"flagged ({result.consensus}): {int(result.is_poison.sum())}")
     if args.out:
         print(f"results written to {result.save(args.out)}/")
     return 0
@@ -71,9 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("scan", help="scan activations for poisoned samples (spectral signatures, SPECTRE)")
     sc.add_argument("activations", help="activations [N, d]: a .npy file or a shard folder")
     sc.add_argument("--labels", required=True, help="labels [N]: a .npy file of integer classes")
-    sc.add_argument("--methods", default="spectral,spectre", help="comma-separated (default: %(default)s)")
+    sc.add_argument("--methods", default="spectral,spectre,clustering", help="comma-separated (default: %(default)s)")
     sc.add_argument("--expected-poison-fraction", default="auto", help="a fraction in (0, 1] or 'auto' (default)")
-    sc.add_argument("--consensus", default="any", help="'any', 'all' or a vote count (default: any)")
+    sc.add_argument(
+        "--consensus", default=None, help="'any', 'all' or a vote count (default: 2 votes, 'any' for one method)"
+    )
+    sc.add_argument("--losses", default=None, help="per-sample losses [N] or [N, epochs] (.npy): more evidence")
+    sc.add_argument("--grad-norms", default=None, help="per-sample gradient norms [N] or [N, epochs] (.npy)")
     sc.add_argument("--chunk-rows", type=int, default=16384, help="rows per chunk (default: %(default)s)")
     sc.add_argument("--out", default=None, help="folder for flags, scores and summary.json")
     sc.add_argument("--quiet", action="store_true", help="no progress lines")

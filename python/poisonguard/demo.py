@@ -86,7 +86,7 @@ def run(
         asr = float((model(triggered).argmax(1).numpy() == target).mean())
     t_train = time.perf_counter() - t0
 
-    result = scan(acts, poisoned.labels, methods=("spectral", "spectre"), spectre={"n_components": 16})
+    result = scan(acts, poisoned.labels, methods=("spectral", "spectre", "clustering"), spectre={"n_components": 16})
     truth = poisoned.mask
     n_poison = int(truth.sum())
     print(
@@ -111,6 +111,8 @@ def run(
         per_method[name] = row
         print(f"{name:<10}{fl:>9}{tp:>8}{row['precision']:>11.3f}{row['recall']:>8.3f}{row['clean_lost']:>12}")
     print(result.table())
+    print("flagged by both (rows x columns):")
+    print(result.overlap_table())
     summary = {
         "dataset": "sklearn digits (train split)",
         "attack": {"kind": "badnets", "fraction": fraction, "target": target, "seed": seed, "poisoned": n_poison},

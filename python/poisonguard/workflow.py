@@ -11,10 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from .detect import SpectralSignature, Spectre
+from .detect import ActivationClustering, SpectralSignature, Spectre
 from .detect._twopass import project_by_class
 
-METHODS = ("spectral", "spectre")
+# Methods that read the activations (they share the passes over the source).
+METHODS = ("spectral", "spectre", "clustering")
+# Evidence from training signals, added when given: per-sample losses and gradient norms.
+EVIDENCE = ("loss", "gradient")
 
 
 @dataclass
@@ -23,7 +26,8 @@ class ScanResult:
 
     ``is_poison [N]`` is the consensus flag; ``flags`` and ``scores`` hold each method's ``[N]`` arrays; ``labels
     [N]`` the classes scanned; ``per_class`` a list of rows (class, samples, flagged per method, consensus);
-    ``agreement`` the pairwise overlap of the methods' flags; ``reports`` each detector's ``report()``.
+    ``agreement`` the pairwise overlap of the methods' flags; ``reports`` each detector's ``report()``;
+    ``votes`` ``[N]`` how many methods flag each sample; :meth:`overlap_table` the cross-reference as text.
     """
 
     is_poison: np.ndarray
@@ -36,6 +40,27 @@ class ScanResult:
     consensus: str
     seconds: float
     meta: dict = field(default_factory=dict)
+
+    @property
+    def votes(self) -> np.ndarray:
+        """``[N]`` int: how many methods flag each sample."""
+        if not self.flags:
+            return np.zeros(len(self.is_poison), dtype=np.int64)
+        return np.sum([f.astype(np.int64) for f in self.flags.values()], axis=0)
+
+    def overlap_table(self) -> str:
+        """The cross-reference of the methods as text: for each pair, the samples both flag (the diagonal: each
+        method's own count), then how many samples have each number of votes."""
+        methods = list(self.flags)
+        width = max([9, *(len(m) for m in methods)])
+        lines = [" " * width + " " + " ".join(f"{m:>{width}}" for m in methods)]
+        for a in methods:
+            cells = " ".join(f"{int((self.flags[a] & self.flags[b]).sum()):>{width}}" for b in methods)
+            lines.append(f"{a:>{width}} {cells}")
+        counts = np.bincount(self.votes, minlength=len(methods) + 1)
+        lines.append("votes: " + ", ".join(f"{v}: {int(counts[v])}" for v in range(1, len(methods) + 1)))
+        lines.append(f"consensus ({self.consensus}): {int(self.is_poison.sum())}")
+        return "\n".join(lines)
 
     def clean_indices(self) -> np.ndarray:
         """Indices of the samples not flagged by the consensus (what to keep when sanitising)."""
@@ -127,20 +152,33 @@ def scan(
     *,
     expected_poison_fraction: float | str = "auto",
     n_classes: int | None = None,
-    consensus: str | int = "any",
+    consensus: str | int | None = None,
     chunk_rows: int = 16384,
     spectral: dict | None = None,
     spectre: dict | None = None,
+    clustering: dict | None = None,
+    losses: Any = None,
+    grad_norms: Any = None,
+    loss: dict | None = None,
+    gradient: dict | None = None,
     progress: bool = False,
     solver: str = "auto",
     memory_budget: int | None = None,
 ) -> ScanResult:
     """Scans activations ``[N, d]`` (array, tensor, ``.npy`` path or shard folder) with integer ``labels`` ``[N]``.
 
-    All methods share two passes over the source: per-class statistics, then the projections on each class's top
-    directions (as many as the most demanding method needs). ``spectral`` / ``spectre`` take extra keyword
-    arguments for :class:`SpectralSignature` / :class:`Spectre`. ``consensus``: ``"any"``, ``"all"`` or a number of
-    votes. ``solver`` / ``memory_budget``: how the per-class directions are found (see
+    All activation methods (``"spectral"``, ``"spectre"``, ``"clustering"``) share the passes over the source:
+    per-class statistics, then the projections on each class's top directions (as many as the most demanding method
+    needs). ``spectral`` / ``spectre`` / ``clustering`` take extra keyword arguments for :class:`SpectralSignature`
+    / :class:`Spectre` / :class:`ActivationClustering`. Training signals are more evidence: ``losses`` and
+    ``grad_norms`` (``[N]`` or ``[N, epochs]`` arrays, or a ``poisonguard.torch`` history) add the methods
+    ``"loss"`` (:class:`LossOutliers`, keyword arguments in ``loss``) and ``"gradient"``
+    (:class:`GradientOutliers`, in ``gradient``).
+
+    ``consensus``: ``"any"``, ``"all"`` or a number of votes; the default (None) is the seed's cross-reference,
+    flagged by at least 2 methods (``"any"`` when only one method runs).
+
+    ``solver`` / ``memory_budget``: how the per-class directions are found (see
     :func:`poisonguard.detect._twopass.project_by_class`: the exact covariance route when its ``20·G·d²`` bytes fit
     the budget, default 2 GiB, else streamed subspace iteration); ``meta["solver"]`` says which ran and how many
     passes it took.
@@ -155,7 +193,21 @@ def scan(
         detectors["spectral"] = SpectralSignature(expected_poison_fraction, chunk_rows=chunk_rows, **(spectral or {}))
     if "spectre" in methods:
         detectors["spectre"] = Spectre(expected_poison_fraction, chunk_rows=chunk_rows, **(spectre or {}))
-    _consensus({m: np.zeros(1, dtype=bool) for m in methods}, consensus)  # validate before reading anything
+    if "clustering" in methods:
+        detectors["clustering"] = ActivationClustering(chunk_rows=chunk_rows, **(clustering or {}))
+    evidence: dict[str, tuple[Any, Any]] = {}
+    if losses is not None:
+        from .detect import LossOutliers
+
+        evidence["loss"] = (LossOutliers(**(loss or {})), losses)
+    if grad_norms is not None:
+        from .detect import GradientOutliers
+
+        evidence["gradient"] = (GradientOutliers(**(gradient or {})), grad_norms)
+    all_methods = [*detectors, *evidence]
+    if consensus is None:
+        consensus = 2 if len(all_methods) >= 2 else "any"
+    _consensus({m: np.zeros(1, dtype=bool) for m in all_methods}, consensus)  # validate before reading anything
     k = max(getattr(det, "_k_needed", det.n_components) for det in detectors.values())
     projected = project_by_class(
         source,
@@ -171,6 +223,9 @@ def scan(
     n_features, k = projected.directions.shape[1:]
     for det in detectors.values():
         det._fit_projected(projected)
+    for name, (det, values) in evidence.items():
+        det.fit(values, projected.labels)
+        detectors[name] = det
 
     flags = {m: det.is_poison_ for m, det in detectors.items()}
     scores = {m: det.scores_ for m, det in detectors.items()}

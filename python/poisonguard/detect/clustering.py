@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..ops.covariance import _as_int
-from ._base import detector_report
+from ._base import detector_report, spread_gate
 from ._twopass import Projected, project_by_class
 
 _PRESETS = ("default", "art")
@@ -335,6 +335,12 @@ class ActivationClustering:
         Observed on the bundled benchmark sets: clean classes' k-means splits D ≈ 2.7–4.0 (Fashion-MNIST), up to 5.8
         where a clean class has a real sub-population (the digits demo's 1s); BadNets poison D ≈ 5.0 (digits) and 8.6
         (Fashion-MNIST).
+    min_spread : float, default 2.0 (``preset="default"``), 0 with ``preset="art"``.
+        The heterogeneity check shared with the spectral "auto" rule: a flagged cluster is kept only when its spread
+        (trace of its covariance in the class's top-8 PCA coordinates) is at least ``min_spread`` times that of the
+        rest of the class. Relabelled poison keeps the variation of its source classes; a class's own sub-style
+        (the digits demo's 1s and 9s) is no wider than the rest (ratios 0.5–0.9 there, 3.4 for the poison).
+        ``spread_`` gives the ratio per class.
     eps, min_samples, min_cluster_size : density clustering parameters (``eps=None``: DensityClustering's estimate).
     silhouette_rows : int, default 5000
         Rows per class drawn (seeded) for the silhouette: never O(n²) over a whole class.
@@ -369,6 +375,7 @@ class ActivationClustering:
         n_clusters: int = 2,
         silhouette_threshold: float = ART_SILHOUETTE_THRESHOLD,
         min_separation: float | None = None,
+        min_spread: float | None = None,
         eps: float | None = None,
         min_samples: int = 5,
         min_cluster_size: int | None = None,
@@ -408,6 +415,9 @@ class ActivationClustering:
         self.preset = preset
         self.silhouette_threshold = float(silhouette_threshold)
         self.min_separation = float(min_separation if min_separation is not None else (0.0 if preset == "art" else 4.5))
+        if min_spread is not None and not float(min_spread) >= 0:
+            raise ValueError(f"min_spread must be >= 0, got {min_spread}")
+        self.min_spread = float(min_spread if min_spread is not None else (0.0 if preset == "art" else 2.0))
         self.eps = None if eps is None else float(eps)
         self.min_samples = _as_int(min_samples, "min_samples", 1)
         self.min_cluster_size = None if min_cluster_size is None else _as_int(min_cluster_size, "min_cluster_size", 2)
@@ -428,7 +438,7 @@ class ActivationClustering:
 
     def _class_coordinates(self, pr: Projected, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(sample indices, PCA coordinates, the coordinates to cluster)`` of class ``c``."""
-        k = int(pr.n_components[c])
+        k = int(min(pr.n_components[c], self.n_components))  # a shared scan may carry more directions
         idx, z = pr.class_block(c, k)
         if not np.isfinite(z).all():
             raise ValueError(f"activations of class {c} contain NaN or infinite values")
@@ -567,6 +577,10 @@ class ActivationClustering:
             self.poison_clusters_[c] = poison[c]
             self.separation_[c] = fit.separation
             self.silhouette_[c] = fit.silhouette
+        self.spread_ = np.full(g, np.nan)
+        if self.min_spread > 0 and pr.directions.shape[2] >= 1:
+            self.spread_ = spread_gate(pr, is_poison, 8, self.min_spread)
+            threshold[np.bincount(y[is_poison], minlength=g) == 0] = np.inf
         self.scores_ = scores
         self.is_poison_ = is_poison
         self.threshold_ = threshold
@@ -633,6 +647,7 @@ class ActivationClustering:
                 "n_clusters": self.n_clusters,
                 "silhouette_threshold": self.silhouette_threshold,
                 "min_separation": self.min_separation,
+                "min_spread": self.min_spread,
                 "eps": self.eps,
                 "min_samples": self.min_samples,
                 "min_cluster_size": self.min_cluster_size,
