@@ -13,8 +13,8 @@ if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 
 echo "== lint"
-ruff check python tests bench
-ruff format --check python tests bench
+ruff check python tests bench examples
+ruff format --check python tests bench examples
 find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' | xargs clang-format --dry-run --Werror
 
 echo "== tests"
