@@ -72,7 +72,7 @@ def flag_top_fraction(scores: np.ndarray, labels: np.ndarray, n_classes: int, fr
     return is_poison, threshold
 
 
-def _two_gaussians(v: np.ndarray, iters: int = 100, max_points: int = 4000) -> tuple:
+def _two_gaussians(v: np.ndarray, iters: int = 100, max_points: int = 1000) -> tuple:
     """EM for a 1-D mixture of two Gaussians, deterministic start at the quartiles; fitted on at most ``max_points``
     evenly spaced order statistics of ``v`` (the fit of a 1-D density needs no more). Returns (weights, means, sds).
     """
