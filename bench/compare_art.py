@@ -291,7 +291,7 @@ def methods_for(acts: np.ndarray, labels: np.ndarray, n_classes: int, with_art: 
     out += [
         ("scan(auto): spectral", run_scan, lambda r: r.flags["spectral"].copy()),
         ("scan(auto): spectre", run_scan, lambda r: r.flags["spectre"].copy()),
-        ("scan(auto): consensus any", run_scan, lambda r: r.is_poison.copy()),
+        ("scan(auto): consensus (2 votes)", run_scan, lambda r: r.is_poison.copy()),
     ]
     return out
 
@@ -497,7 +497,12 @@ def targets(results: list[dict]) -> list[dict]:
                         "pass": ratio >= 10,
                     }
                 )
-            for m in ("SpectralSignature(auto)", "Spectre(auto)", "scan(auto): spectral", "scan(auto): consensus any"):
+            for m in (
+                "SpectralSignature(auto)",
+                "Spectre(auto)",
+                "scan(auto): spectral",
+                "scan(auto): consensus (2 votes)",
+            ):
                 out.append(
                     {
                         "set": res["name"],
