@@ -114,6 +114,11 @@ def test_cli_scan(rng, tmp_path, capsys):
     assert "votes:" in out and "consensus (2)" in out and "clustering" in out
     assert ScanResult.load(tmp_path / "o").consensus == "2"
     assert cli.main([*argv, "--methods", "spectral", "--expected-poison-fraction", "0.1"]) == 0
+    np.save(tmp_path / "losses.npy", rng.standard_normal(len(y)))
+    np.save(tmp_path / "norms.npy", rng.standard_normal((len(y), 3)))
+    more = ["--losses", str(tmp_path / "losses.npy"), "--grad-norms", str(tmp_path / "norms.npy")]
+    assert cli.main([*argv, "--methods", "spectral", *more]) == 0
+    assert list(ScanResult.load(tmp_path / "o").flags) == ["spectral", "loss", "gradient"]
     with pytest.raises(SystemExit):
         cli.main([*argv, "--expected-poison-fraction", "lots"])
 
