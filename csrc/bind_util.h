@@ -80,4 +80,18 @@ inline py::array compute_array(DType dt, std::vector<py::ssize_t> shape) {
   return py::array_t<float>(shape);
 }
 
+// A 2-D view of device memory described by pointer, shape, strides (in elements) and a dtype code.
+inline MatrixView device_view(std::uintptr_t ptr, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
+                              int dtype) {
+  PG_CHECK(dtype >= 0 && dtype <= 3, "unknown dtype code ", dtype);
+  MatrixView v;
+  v.data = reinterpret_cast<const void*>(ptr);
+  v.rows = rows;
+  v.cols = cols;
+  v.row_stride = row_stride;
+  v.col_stride = col_stride;
+  v.dtype = static_cast<DType>(dtype);
+  return v;
+}
+
 }  // namespace pg_bind

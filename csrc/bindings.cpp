@@ -130,14 +130,7 @@ PYBIND11_MODULE(_core, m) {
       [](std::uintptr_t x_ptr, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride, int dtype,
          std::uintptr_t groups_ptr, int64_t n_groups, std::uintptr_t count_ptr, std::uintptr_t mean_ptr,
          std::uintptr_t m2_ptr, std::uintptr_t stream) {
-        PG_CHECK(dtype >= 0 && dtype <= 3, "unknown dtype code ", dtype);
-        MatrixView v;
-        v.data = reinterpret_cast<const void*>(x_ptr);
-        v.rows = rows;
-        v.cols = cols;
-        v.row_stride = row_stride;
-        v.col_stride = col_stride;
-        v.dtype = static_cast<DType>(dtype);
+        const MatrixView v = device_view(x_ptr, rows, cols, row_stride, col_stride, dtype);
         pg::CovState st;
         st.n_groups = n_groups;
         st.dim = cols;
@@ -206,14 +199,7 @@ PYBIND11_MODULE(_core, m) {
          std::uintptr_t groups_ptr, int64_t n_groups, std::uintptr_t means_ptr, std::uintptr_t dirs_ptr, int64_t k,
          std::uintptr_t proj_ptr, std::uintptr_t score_ptr, std::uintptr_t que_ptr, std::uintptr_t que_score_ptr,
          std::uintptr_t stream) {
-        PG_CHECK(dtype >= 0 && dtype <= 3, "unknown dtype code ", dtype);
-        MatrixView v;
-        v.data = reinterpret_cast<const void*>(x_ptr);
-        v.rows = rows;
-        v.cols = cols;
-        v.row_stride = row_stride;
-        v.col_stride = col_stride;
-        v.dtype = static_cast<DType>(dtype);
+        const MatrixView v = device_view(x_ptr, rows, cols, row_stride, col_stride, dtype);
         py::gil_scoped_release nogil;
         pg::project_scores_cuda(v, reinterpret_cast<const int64_t*>(groups_ptr), n_groups,
                                 reinterpret_cast<const double*>(means_ptr), reinterpret_cast<const void*>(dirs_ptr), k,

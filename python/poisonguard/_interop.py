@@ -64,8 +64,14 @@ def host_matrix(x: Any, name: str = "x") -> tuple[np.ndarray, bool]:
     Accepts numpy arrays (including memmaps) of float16/float32/float64 and torch CPU tensors of those dtypes or
     bfloat16. Raises TypeError for other types/dtypes and ValueError for a shape that is not 2-D.
     """
+    return host_array(x, name, check_shape=lambda shape: _check_2d(shape, name))
+
+
+def host_array(x: Any, name: str = "x", check_shape: Any = None) -> tuple[np.ndarray, bool]:
+    """``host_matrix`` for any number of dimensions: ``check_shape(shape)`` (optional) validates the shape."""
     if isinstance(x, np.ndarray):
-        _check_2d(x.shape, name)
+        if check_shape is not None:
+            check_shape(x.shape)
         if x.dtype.type not in _FLOAT_DTYPES:
             raise TypeError(
                 f"{name} must have a floating dtype (float16, float32 or float64), got {x.dtype}; "
@@ -78,7 +84,8 @@ def host_matrix(x: Any, name: str = "x") -> tuple[np.ndarray, bool]:
         torch = _torch()
         if x.device.type != "cpu":
             raise ValueError(f"{name} is on {x.device}; this operation takes host arrays or CPU tensors here")
-        _check_2d(tuple(x.shape), name)
+        if check_shape is not None:
+            check_shape(tuple(x.shape))
         t = x.detach()
         if t.dtype == torch.bfloat16:
             return t.view(torch.int16).numpy(), True

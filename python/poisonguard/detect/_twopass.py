@@ -91,11 +91,8 @@ def project_by_class(
     ≤ 1e-3) or their residuals fall below 1e-3 (at most 6 passes; memory ``O(G·d·(k + 10))``).
     ``"auto"`` takes the covariance route when it fits ``memory_budget`` bytes (default 2 GiB).
     """
-    if solver not in _SOLVERS:
-        raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+    check_solver(solver, memory_budget)
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
-    if budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
     n, d, passes = iter_chunks(source, chunk_rows)
     y = read_labels(labels, n)
     if n_classes is None:
@@ -156,6 +153,15 @@ def project_by_class(
     return Projected(
         y, g, counts, means, directions, eigenvalues, k_c, proj, order, bounds, class_sorted, solver, n_passes, residual
     )
+
+
+def check_solver(solver: str, memory_budget: int | None) -> tuple[str, int | None]:
+    """Validates the ``solver`` / ``memory_budget`` pair every projection detector takes; returns it."""
+    if solver not in _SOLVERS:
+        raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+    if memory_budget is not None and not int(memory_budget) > 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    return solver, memory_budget
 
 
 def covariance_bytes(n_classes: int, d: int) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..ops.covariance import _as_int
 from ._base import detector_report, flag_top_fraction, mixture_flags, spread_gate
-from ._twopass import _SOLVERS, Projected, project_by_class
+from ._twopass import Projected, check_solver, project_by_class
 
 _PRESETS = ("paper", "art")
 # Directions whose projections measure a mode's spread for the "auto" rules' heterogeneity check.
@@ -92,12 +92,7 @@ class SpectralSignature:
         self.n_components = _as_int(n_components, "n_components", 1)
         self.preset = preset
         self.chunk_rows = _as_int(chunk_rows, "chunk_rows", 1)
-        if solver not in _SOLVERS:
-            raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
-        if memory_budget is not None and not int(memory_budget) > 0:
-            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
-        self.solver = solver
-        self.memory_budget = memory_budget
+        self.solver, self.memory_budget = check_solver(solver, memory_budget)
         self.auto_separation = float(auto_separation)
         if not auto_spread >= 0:
             raise ValueError(f"auto_spread must be >= 0, got {auto_spread}")

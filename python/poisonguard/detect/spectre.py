@@ -12,7 +12,7 @@ from scipy.linalg import expm
 from .. import _core
 from ..ops.covariance import _as_int
 from ._base import detector_report, flag_top_fraction, mixture_flags
-from ._twopass import _SOLVERS, Projected, project_by_class
+from ._twopass import Projected, check_solver, project_by_class
 
 
 def _cov_and_inverse(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -122,12 +122,7 @@ class Spectre:
         self.n_components = _as_int(n_components, "n_components", 1)
         self.alpha = float(alpha)
         self.chunk_rows = _as_int(chunk_rows, "chunk_rows", 1)
-        if solver not in _SOLVERS:
-            raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
-        if memory_budget is not None and not int(memory_budget) > 0:
-            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
-        self.solver = solver
-        self.memory_budget = memory_budget
+        self.solver, self.memory_budget = check_solver(solver, memory_budget)
         self.auto_separation = float(auto_separation)
 
     def fit(self, source: Any, labels: Any, *, n_classes: int | None = None) -> Spectre:

@@ -17,30 +17,20 @@ float64. Inputs are read in place through their strides (no copy); ``a`` and ``g
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import numpy as np
 
 from .. import _core
-from .._interop import DTYPE_CODES, describe, is_cuda_tensor, is_torch_tensor
+from .._interop import DTYPE_CODES, describe, host_array, is_cuda_tensor, is_torch_tensor
+from .covariance import _as_int
 
 METHODS = ("auto", "ghost", "direct")
 
 
 def gradnorm_method(t: int, d_in: int, d_out: int) -> str:
     """``"ghost"`` or ``"direct"``: the form ``method="auto"`` uses for ``T`` positions and a ``d_in → d_out`` map."""
-    vals = []
-    for name, v in (("t", t), ("d_in", d_in), ("d_out", d_out)):
-        if isinstance(v, bool):
-            raise TypeError(f"{name} must be an integer, got bool")
-        try:
-            v = operator.index(v)
-        except TypeError:
-            raise TypeError(f"{name} must be an integer, got {type(v).__name__}") from None
-        if v < 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
-        vals.append(v)
+    vals = [_as_int(v, name, 0) for name, v in (("t", t), ("d_in", d_in), ("d_out", d_out))]
     return str(_core.gradnorm_method(*vals))
 
 
@@ -53,22 +43,7 @@ def _as_3d(x: Any, name: str) -> Any:
 
 
 def _host(x: Any, name: str) -> tuple[np.ndarray, bool]:
-    if isinstance(x, np.ndarray):
-        if x.dtype.type not in (np.float16, np.float32, np.float64):
-            raise TypeError(f"{name} must be float16, float32 or float64, got {x.dtype}")
-        if not x.dtype.isnative:
-            raise TypeError(f"{name} has non-native byte order ({x.dtype})")
-        return x, False
-    import torch
-
-    t = x.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy(), True
-    if t.dtype not in (torch.float16, torch.float32, torch.float64):
-        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}")
-    if t.is_conj() or t.is_neg():
-        t = t.resolve_conj().resolve_neg()
-    return t.numpy(), False
+    return host_array(x, name)
 
 
 def linear_grad_sqnorms(a: Any, g: Any, *, method: str = "auto", bias: bool = False) -> tuple[Any, Any, str]:

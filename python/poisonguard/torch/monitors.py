@@ -20,7 +20,6 @@ without pickle.
 
 from __future__ import annotations
 
-import operator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from ..detect.loss import DIRECTIONS, oriented, reduce_epochs, robust_z
+from ..ops.covariance import _as_int
 
 
 class _SampleHistory:
@@ -168,15 +168,7 @@ class GradNormHistory(_SampleHistory):
 
 
 def _as_count(v: Any, name: str, minimum: int) -> int:
-    if isinstance(v, bool):
-        raise TypeError(f"{name} must be an integer, got bool")
-    try:
-        v = operator.index(v)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(v).__name__}") from None
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
+    return _as_int(v, name, minimum)
 
 
 def _as_indices(indices: Any, n: int, name: str = "indices") -> np.ndarray:
