@@ -178,3 +178,23 @@ def test_mixture_flags_separated_minor_mode_only(rng):
     assert sep[1] > 5 and abs(share[1] - 0.1) < 0.02 and sep[2] == 0
     up, _, _, _ = mixture_flags(-values, labels, 3, 2.5, "upper")  # the small mode is now the lower one
     assert not up.any()
+
+
+def test_batched_two_gaussian_fit_recovers_each_mixture(rng):
+    from poisonguard.detect._base import _two_gaussians_batch
+
+    samples = [
+        np.concatenate([rng.normal(0, 1, 700), rng.normal(8, 0.5, 300)]),
+        np.concatenate([rng.normal(-3, 2, 60), rng.normal(5, 1, 40)]),  # fewer points than the others: padded
+        rng.normal(1, 1, 5000),  # one mode, thinned to 500 order statistics
+    ]
+    w, mu, sd = _two_gaussians_batch(samples)
+    assert w.shape == mu.shape == sd.shape == (3, 2)
+    np.testing.assert_allclose(np.sort(mu[0]), [0, 8], atol=0.2)
+    np.testing.assert_allclose(w[0][np.argsort(mu[0])], [0.7, 0.3], atol=0.03)
+    np.testing.assert_allclose(np.sort(mu[1]), [-3, 5], atol=0.8)
+    for i, v in enumerate(samples):  # each row is the fit of that sample alone
+        wi, mi, si = _two_gaussians_batch([v])
+        np.testing.assert_allclose(mi[0], mu[i], rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(wi[0], w[i], rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(si[0], sd[i], rtol=1e-9, atol=1e-9)

@@ -72,33 +72,51 @@ def flag_top_fraction(scores: np.ndarray, labels: np.ndarray, n_classes: int, fr
     return is_poison, threshold
 
 
-def _two_gaussians(v: np.ndarray, iters: int = 100, max_points: int = 1000) -> tuple:
-    """EM for a 1-D mixture of two Gaussians, deterministic start at the quartiles; fitted on at most ``max_points``
-    evenly spaced order statistics of ``v`` (the fit of a 1-D density needs no more). Returns (weights, means, sds).
-    """
-    if len(v) > max_points:
-        v = np.sort(v)[np.linspace(0, len(v) - 1, max_points).astype(np.int64)]
-    q1, q3 = np.percentile(v, [25, 75])
-    mu0, mu1 = float(q1), float(q3)
-    spread = float(np.std(v))
-    sd0 = sd1 = max(spread / 2, 1e-12)
-    w0 = 0.5
-    floor = max(spread * 1e-3, 1e-12)
+def _two_gaussians_batch(values: list, iters: int = 100, max_points: int = 500) -> tuple:
+    """EM for 1-D mixtures of two Gaussians, one per sample in ``values``, all at once (one EM over a padded
+    ``[m, max_points]`` block, each row stopping on its own tolerance). Deterministic start at the quartiles; each
+    fit uses at most ``max_points`` evenly spaced order statistics of its sample (a 1-D density needs no more).
+    Returns ``(weights [m, 2], means [m, 2], sds [m, 2])``."""
+    m = len(values)
+    width = max([min(len(v), max_points) for v in values], default=1)
+    x = np.zeros((m, width))
+    live = np.zeros((m, width))  # 1 for real points, 0 for padding
+    for i, v in enumerate(values):
+        if len(v) > max_points:
+            v = np.sort(v)[np.linspace(0, len(v) - 1, max_points).astype(np.int64)]
+        x[i, : len(v)] = v
+        live[i, : len(v)] = 1.0
+    q = [np.percentile(x[i, : int(live[i].sum())], [25, 75]) for i in range(m)]
+    mu0 = np.array([a for a, _ in q], dtype=np.float64)
+    mu1 = np.array([b for _, b in q], dtype=np.float64)
+    cnt = live.sum(axis=1)
+    mean = (x * live).sum(axis=1) / cnt
+    spread = np.sqrt(((x - mean[:, None]) ** 2 * live).sum(axis=1) / cnt)
+    sd0 = np.maximum(spread / 2, 1e-12)
+    sd1 = sd0.copy()
+    w0 = np.full(m, 0.5)
+    floor = np.maximum(spread * 1e-3, 1e-12)
+    active = np.ones(m, dtype=bool)
     for _ in range(iters):
-        a = np.log(w0) - np.log(sd0) - 0.5 * ((v - mu0) / sd0) ** 2
-        b = np.log(1 - w0) - np.log(sd1) - 0.5 * ((v - mu1) / sd1) ** 2
-        r1 = 1.0 / (1.0 + np.exp(np.clip(a - b, -700, 700)))  # posterior of component 1
-        r0 = 1.0 - r1
-        n0, n1 = r0.sum() + 1e-12, r1.sum() + 1e-12
-        new0, new1 = float(r0 @ v / n0), float(r1 @ v / n1)
-        sd0 = max(float(np.sqrt(r0 @ (v - new0) ** 2 / n0)), floor)
-        sd1 = max(float(np.sqrt(r1 @ (v - new1) ** 2 / n1)), floor)
-        w0 = float(np.clip(n0 / (n0 + n1), 1e-9, 1 - 1e-9))
-        done = abs(new0 - mu0) + abs(new1 - mu1) <= 1e-6 * (spread + 1e-300)
-        mu0, mu1 = new0, new1
-        if done:
+        a = np.flatnonzero(active)
+        if not len(a):
             break
-    return np.array([w0, 1 - w0]), np.array([mu0, mu1]), np.array([sd0, sd1])
+        xa, la = x[a], live[a]
+        t = (np.log(w0[a] / (1 - w0[a])) - np.log(sd0[a] / sd1[a]))[:, None] - 0.5 * (
+            ((xa - mu0[a, None]) / sd0[a, None]) ** 2 - ((xa - mu1[a, None]) / sd1[a, None]) ** 2
+        )
+        np.clip(t, -700, 700, out=t)
+        r1 = la / (1.0 + np.exp(t))  # posterior of component 1 (0 on padding)
+        r0 = la - r1
+        n0, n1 = r0.sum(axis=1) + 1e-12, r1.sum(axis=1) + 1e-12
+        new0, new1 = (r0 * xa).sum(axis=1) / n0, (r1 * xa).sum(axis=1) / n1
+        sd0[a] = np.maximum(np.sqrt((r0 * (xa - new0[:, None]) ** 2).sum(axis=1) / n0), floor[a])
+        sd1[a] = np.maximum(np.sqrt((r1 * (xa - new1[:, None]) ** 2).sum(axis=1) / n1), floor[a])
+        w0[a] = np.clip(n0 / (n0 + n1), 1e-9, 1 - 1e-9)
+        done = np.abs(new0 - mu0[a]) + np.abs(new1 - mu1[a]) <= 1e-5 * (spread[a] + 1e-300)
+        mu0[a], mu1[a] = new0, new1
+        active[a[done]] = False
+    return np.stack([w0, 1 - w0], axis=1), np.stack([mu0, mu1], axis=1), np.stack([sd0, sd1], axis=1)
 
 
 def mixture_flags(values: np.ndarray, labels: np.ndarray, n_classes: int, d_min: float, side: str) -> tuple:
@@ -116,12 +134,14 @@ def mixture_flags(values: np.ndarray, labels: np.ndarray, n_classes: int, d_min:
     order = np.argsort(labels, kind="stable")
     counts = np.bincount(labels, minlength=n_classes)
     bounds = np.concatenate([[0], np.cumsum(counts)])
+    fit = []
     for c in np.flatnonzero(counts >= 8):
         idx = order[bounds[c] : bounds[c + 1]]
         v = values[idx].astype(np.float64)
-        if np.ptp(v) == 0:
-            continue
-        w, mu, sd = _two_gaussians(v)
+        if np.ptp(v) > 0:
+            fit.append((int(c), idx, v))
+    ws, mus, sds = _two_gaussians_batch([v for _, _, v in fit])  # all classes in one EM
+    for (c, idx, v), w, mu, sd in zip(fit, ws, mus, sds):
         bad = int(np.argmin(w)) if side == "minor" else int(np.argmax(mu))
         good = 1 - bad
         lb = np.log(w[bad]) - np.log(sd[bad]) - 0.5 * ((v - mu[bad]) / sd[bad]) ** 2
