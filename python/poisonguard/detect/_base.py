@@ -72,7 +72,17 @@ def flag_top_fraction(scores: np.ndarray, labels: np.ndarray, n_classes: int, fr
     return is_poison, threshold
 
 
-def _two_gaussians_batch(values: list, iters: int = 100, max_points: int = 500) -> tuple:
+# Order statistics per class that the two-Gaussian fit uses.
+_EM_POINTS = 500
+
+
+def _order_statistics(v: np.ndarray, m: int) -> np.ndarray:
+    """At most ``m`` evenly spaced order statistics of ``v`` (all of ``v``, sorted, when it is shorter), float64."""
+    v = np.sort(np.asarray(v, dtype=np.float64))
+    return v if len(v) <= m else v[np.linspace(0, len(v) - 1, m).astype(np.int64)]
+
+
+def _two_gaussians_batch(values: list, iters: int = 100, max_points: int = _EM_POINTS) -> tuple:
     """EM for 1-D mixtures of two Gaussians, one per sample in ``values``, all at once (one EM over a padded
     ``[m, max_points]`` block, each row stopping on its own tolerance). Deterministic start at the quartiles; each
     fit uses at most ``max_points`` evenly spaced order statistics of its sample (a 1-D density needs no more).
@@ -82,8 +92,7 @@ def _two_gaussians_batch(values: list, iters: int = 100, max_points: int = 500) 
     x = np.zeros((m, width))
     live = np.zeros((m, width))  # 1 for real points, 0 for padding
     for i, v in enumerate(values):
-        if len(v) > max_points:
-            v = np.sort(v)[np.linspace(0, len(v) - 1, max_points).astype(np.int64)]
+        v = _order_statistics(v, max_points)
         x[i, : len(v)] = v
         live[i, : len(v)] = 1.0
     q = [np.percentile(x[i, : int(live[i].sum())], [25, 75]) for i in range(m)]
@@ -134,14 +143,16 @@ def mixture_flags(values: np.ndarray, labels: np.ndarray, n_classes: int, d_min:
     order = np.argsort(labels, kind="stable")
     counts = np.bincount(labels, minlength=n_classes)
     bounds = np.concatenate([[0], np.cumsum(counts)])
-    fit = []
+    fit, thinned = [], []
     for c in np.flatnonzero(counts >= 8):
+        v = values[order[bounds[c] : bounds[c + 1]]]
+        if np.ptp(v) > 0:
+            fit.append(int(c))
+            thinned.append(_order_statistics(v, _EM_POINTS))  # only these stay in memory for the fit
+    ws, mus, sds = _two_gaussians_batch(thinned, max_points=_EM_POINTS)  # all classes in one EM
+    for c, w, mu, sd in zip(fit, ws, mus, sds):
         idx = order[bounds[c] : bounds[c + 1]]
         v = values[idx].astype(np.float64)
-        if np.ptp(v) > 0:
-            fit.append((int(c), idx, v))
-    ws, mus, sds = _two_gaussians_batch([v for _, _, v in fit])  # all classes in one EM
-    for (c, idx, v), w, mu, sd in zip(fit, ws, mus, sds):
         bad = int(np.argmin(w)) if side == "minor" else int(np.argmax(mu))
         good = 1 - bad
         lb = np.log(w[bad]) - np.log(sd[bad]) - 0.5 * ((v - mu[bad]) / sd[bad]) ** 2
