@@ -8,7 +8,8 @@ any ``M_b`` for the batch:
 * ``"ghost"``: ``Σ_{t,t'} (a_t·a_t')(g_t·g_t')`` — two ``T × T`` Gram matrices per sample (BLAS SYRK);
 * ``"direct"``: ``M_b`` built a tile of rows at a time (BLAS GEMM) and squared; never ``[B, d_out, d_in]``;
 * ``"auto"``: the cheaper of the two by the multiply-add count (:func:`gradnorm_method`):
-  ghost ``≈ T²·(d_in + d_out)/2 + T²``, direct ``≈ (T + 1)·d_in·d_out``. With ``T = 1`` (a plain ``Linear``) the
+  ghost ``≈ 1.15·(T²·(d_in + d_out)/2 + T²)`` (two SYRKs and an inner product run slower per multiply-add than one
+  GEMM), direct ``≈ (T + 1)·d_in·d_out``. With ``T = 1`` (a plain ``Linear``) the
   ghost form is ``‖a‖²·‖g‖²``.
 
 Products run in float32 for float16/bfloat16/float32 input and float64 for float64 input; the per-sample sums are
