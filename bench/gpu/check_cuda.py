@@ -1,4 +1,7 @@
-"""GPU check of StreamingCovariance.update on CUDA tensors: agreement with the CPU kernel, then timing.
+"""GPU check of every CUDA kernel: agreement with the CPU kernel, then timing against torch.
+
+StreamingCovariance.update, then (``other_kernels``) the fused centre-project-score kernel, the trimmed
+cross-entropy (forward + backward) and the per-sample gradient norms of a linear map (ghost and direct forms).
 
 For each case the CUDA result on a subset of rows is compared with the CPU kernel on the same rows (max over
 groups of the relative Frobenius error of the covariance, and of the mean); then the full update is timed with
@@ -77,6 +80,112 @@ def torch_reference(x: torch.Tensor, g: torch.Tensor, n_groups: int, out: torch.
         torch.matmul(xc.T, xc, out=out[k])
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float(torch.linalg.norm(a - b) / max(float(torch.linalg.norm(b)), 1e-300))
+
+
+def other_kernels(repeats: int, tol: float) -> tuple[list[str], bool]:
+    """The remaining CUDA kernels, each against its CPU kernel on the same values and timed against plain torch."""
+    import torch.nn.functional as F
+    from poisonguard.ops import linear_grad_sqnorms, project_scores
+    from poisonguard.torch import trimmed_cross_entropy
+
+    lines, failed = [], False
+
+    def row(op: str, shape: str, dtype: str, err: float, ours: float, ref: float) -> None:
+        nonlocal failed
+        failed |= not err <= tol
+        line = f"{op:<26} {shape:<16} {dtype:<8} {err:>11.2e} {'':>9} {ours:>9.2f} {ref:>9.2f} {ours / ref:>10.2f}"
+        print(line, flush=True)
+        lines.append(line)
+
+    # fused centre-project-score: [1M, 512], 10 classes, 8 directions each
+    n, d, g, k = 1_000_000, 512, 10, 8
+    for dtype in ("float16", "float32"):
+        try:
+            x = (torch.randn(n, d, device="cuda") + 3).to(DTYPES[dtype])
+            y = torch.randint(0, g, (n,), device="cuda")
+            means = torch.randn(g, d, dtype=torch.float64) + 3
+            dirs = torch.linalg.qr(torch.randn(g, d, k, dtype=torch.float64))[0]
+            mn, dn = means.numpy(), dirs.numpy()
+            p = project_scores(x[:100_000], y[:100_000], mn, dn)[0]
+            p_cpu = project_scores(x[:100_000].cpu(), y[:100_000].cpu(), mn, dn)[0]
+            err = _rel(p, torch.as_tensor(p_cpu))
+            md, vd = means.cuda().float(), dirs.cuda().float()
+
+            def ref(x=x, y=y, md=md, vd=vd):
+                out = torch.empty((x.shape[0], vd.shape[2]), device="cuda")
+                for c in range(md.shape[0]):
+                    sel = y == c
+                    out[sel] = (x[sel].float() - md[c]) @ vd[c]
+                return out
+
+            ours = time_ms(lambda x=x, y=y, mn=mn, dn=dn: project_scores(x, y, mn, dn), repeats)
+            row("project_scores", f"{n}x{d}/G{g}/k{k}", dtype, err, ours, time_ms(ref, repeats))
+            del x, y, p
+        except Exception as e:  # keep checking the other kernels
+            failed = True
+            lines.append(f"project_scores {dtype}: ERROR {type(e).__name__}: {e}")
+            print(lines[-1], flush=True)
+        torch.cuda.empty_cache()
+
+    # trimmed cross-entropy, forward + backward
+    for b, c in ((65536, 1000), (4096, 1000), (65536, 10)):
+        try:
+            logits = (torch.randn(b, c, device="cuda") * 2).requires_grad_(True)
+            tgt = torch.randint(0, c, (b,), device="cuda")
+            keep = int(-(-0.9 * b // 1))
+            loss = trimmed_cross_entropy(logits, tgt, 0.1)
+            loss.backward()
+            g_gpu, v_gpu = logits.grad.clone(), loss.detach()
+            xc = logits.detach().cpu().requires_grad_(True)
+            loss_c = trimmed_cross_entropy(xc, tgt.cpu(), 0.1)
+            loss_c.backward()
+            err = max(_rel(v_gpu.reshape(1), loss_c.detach().reshape(1)), _rel(g_gpu, xc.grad))
+
+            def ours_fn(logits=logits, tgt=tgt):
+                logits.grad = None
+                trimmed_cross_entropy(logits, tgt, 0.1).backward()
+
+            def ref_fn(logits=logits, tgt=tgt, keep=keep):
+                logits.grad = None
+                per = F.cross_entropy(logits, tgt, reduction="none")
+                torch.topk(per, keep, largest=False, sorted=False).values.mean().backward()
+
+            ours, ref_ms = time_ms(ours_fn, repeats), time_ms(ref_fn, repeats)
+            row("trimmed_cross_entropy", f"{b}x{c}", "float32", err, ours, ref_ms)
+            del logits, tgt, g_gpu
+        except Exception as e:
+            failed = True
+            lines.append(f"trimmed_cross_entropy {b}x{c}: ERROR {type(e).__name__}: {e}")
+            print(lines[-1], flush=True)
+        torch.cuda.empty_cache()
+
+    # per-sample gradient norms of a linear map: A [B, T, d_in], G [B, T, d_out]
+    bsz, t, din, dout = 256, 128, 512, 512
+    for method in ("ghost", "direct"):
+        try:
+            a = torch.randn(bsz, t, din, device="cuda")
+            gr = torch.randn(bsz, t, dout, device="cuda")
+            w_gpu, _, _ = linear_grad_sqnorms(a, gr, method=method)
+            w_cpu, _, _ = linear_grad_sqnorms(a[:16].cpu(), gr[:16].cpu(), method=method)
+            err = _rel(torch.as_tensor(w_gpu)[:16], torch.as_tensor(w_cpu))
+
+            def ref(a=a, gr=gr):
+                return torch.einsum("bti,bto->bio", a, gr).pow(2).sum(dim=(1, 2))
+
+            ours = time_ms(lambda a=a, gr=gr, m=method: linear_grad_sqnorms(a, gr, method=m), repeats)
+            row(f"grad_sqnorms {method}", f"{bsz}x{t}x{din}>{dout}", "float32", err, ours, time_ms(ref, repeats))
+            del a, gr
+        except Exception as e:
+            failed = True
+            lines.append(f"grad_sqnorms {method}: ERROR {type(e).__name__}: {e}")
+            print(lines[-1], flush=True)
+        torch.cuda.empty_cache()
+    return lines, failed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -119,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(line + f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
         lines.append(line)
+    more, more_failed = other_kernels(args.repeats, args.tol)
+    lines += more
+    failed |= more_failed
     lines.append(
         "max rel err: CUDA vs CPU kernel on a 100k-row subset (G=100 case: its groups 0-9), relative "
         f"Frobenius error of the covariance (and of the mean); tolerance {args.tol:g}. Times: median of "
