@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import ctypes
 import datetime as _dt
+import gc
 import os
 import platform
 import subprocess
@@ -90,3 +92,33 @@ def header(title: str) -> None:
     print(f"# {title}")
     print(f"# {_dt.date.today()}  poisonguard {info['version']} ({git_sha()})  {machine()}")
     print(f"# BLAS: {info['blas']}; numpy {np.__version__}")
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc: peak RSS deltas then include memory the allocator kept from earlier runs
+    _LIBC = None
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def peak_rss_delta(fn: Callable[[], object]) -> float | None:
+    """MiB: peak resident set during ``fn()`` minus the resident set before it. The peak (VmHWM) is reset first by
+    writing 5 to /proc/self/clear_refs, and freed heap pages are returned with malloc_trim, so native allocations
+    (C++ buffers, BLAS/LAPACK workspaces) count too. None where /proc does not allow the reset."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_kib("VmRSS")
+    except OSError:
+        return None
+    out = fn()
+    peak = _status_kib("VmHWM")
+    del out
+    return max(peak - base, 0) / 1024

@@ -15,8 +15,6 @@ beforehand and are excluded. Also timed: the eager-gradient variant (poisonguard
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import sys
 import time
 from pathlib import Path
@@ -27,38 +25,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import poisonguard as pg
-from _harness import header, record
+from _harness import header, peak_rss_delta, record
 from poisonguard.ops.trim import keep_count
 from poisonguard.torch import trim as pg_trim
 from poisonguard.torch import trimmed_cross_entropy
 
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc: peak deltas may include memory kept by the allocator from earlier runs
-    _LIBC = None
-
 DEFAULT_SIZES = "65536x1000,4096x1000,65536x10"
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-
-def peak_rss_delta(fn) -> float | None:
-    """MiB: peak resident set during ``fn()`` minus the resident set before it (None where /proc forbids the reset)."""
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _status_kib("VmRSS")
-    except OSError:
-        return None
-    fn()
-    peak = _status_kib("VmHWM")
-    return max(peak - base, 0) / 1024
 
 
 def interleaved(fns: dict, repeat: int, warmup: int = 1) -> dict:

@@ -18,7 +18,6 @@ or ``$FASHION_MNIST_DIR``); without them the ART rows / Fashion sets are skipped
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as _dt
 import gc
 import importlib
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import git_sha, header, machine, record, timeit
+from _harness import git_sha, header, machine, peak_rss_delta, record, timeit
 
 ART_VERSION = "1.20.1"
 TIE_RTOL = 1e-4  # a flag disagreement counts as a tie when both scores are this close (relative) to their cutoff
@@ -55,36 +54,6 @@ def import_retry(name: str, tries: int = 6, wait: float = 10.0):
             print(f"# import {name} failed ({e}); retrying in {wait:.0f} s", file=sys.stderr)
             time.sleep(wait)
     raise AssertionError("unreachable")
-
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc: peak RSS deltas then include memory the allocator kept from earlier runs
-    _LIBC = None
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-
-def peak_rss_delta(fn: Callable[[], object]) -> float | None:
-    """MiB: peak resident set during ``fn()`` minus the resident set before it. The peak (VmHWM) is reset first by
-    writing 5 to /proc/self/clear_refs, and freed heap pages are returned with malloc_trim, so native allocations
-    (C++ buffers, BLAS/LAPACK workspaces) count too. None where /proc does not allow the reset."""
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _status_kib("VmRSS")
-    except OSError:
-        return None
-    out = fn()
-    peak = _status_kib("VmHWM")
-    del out
-    return max(peak - base, 0) / 1024
 
 
 def peak_traced(fn: Callable[[], object]) -> float:
