@@ -16,16 +16,13 @@ pg::BatchView host_batch(const py::array& x, bool bf16, const char* name) {
   PG_CHECK(x.ndim() == 3, name, " must be 3-D [B, T, d], got ", x.ndim(), " dimension(s)");
   pg::BatchView v;
   v.dtype = pg_bind::host_dtype(x, bf16, name);
-  const auto item = x.itemsize();
-  PG_CHECK(x.strides(0) % item == 0 && x.strides(1) % item == 0 && x.strides(2) % item == 0, name,
-           " has strides that are not a multiple of its item size");
   v.data = x.data();
   v.batch = x.shape(0);
   v.rows = x.shape(1);
   v.cols = x.shape(2);
-  v.batch_stride = x.strides(0) / item;
-  v.row_stride = x.strides(1) / item;
-  v.col_stride = x.strides(2) / item;
+  v.batch_stride = pg_bind::element_stride(x, 0, name);
+  v.row_stride = pg_bind::element_stride(x, 1, name);
+  v.col_stride = pg_bind::element_stride(x, 2, name);
   return v;
 }
 

@@ -20,16 +20,13 @@ LogitsView host_logits(const py::array& a, const char* name) {
   PG_CHECK(a.ndim() == 3, name, " must be 3-D [batch, classes, positions], got ", a.ndim(), " dimension(s)");
   LogitsView v;
   v.dtype = pg_bind::host_dtype(a, false, name);
-  const auto item = a.itemsize();
-  for (int i = 0; i < 3; ++i)
-    PG_CHECK(a.strides(i) % item == 0, name, " has strides that are not a multiple of its item size");
   v.data = a.data();
   v.batch = a.shape(0);
   v.classes = a.shape(1);
   v.positions = a.shape(2);
-  v.stride_b = a.strides(0) / item;
-  v.stride_c = a.strides(1) / item;
-  v.stride_p = a.strides(2) / item;
+  v.stride_b = pg_bind::element_stride(a, 0, name);
+  v.stride_c = pg_bind::element_stride(a, 1, name);
+  v.stride_p = pg_bind::element_stride(a, 2, name);
   return v;
 }
 

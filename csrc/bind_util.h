@@ -34,18 +34,22 @@ inline DType host_dtype(const py::array& a, bool bf16, const char* name) {
       pg::str_cat(name, " must be float16, bfloat16, float32 or float64, got dtype ", std::string(py::str(a.dtype()))));
 }
 
+// Stride of dimension `dim` of a host array in elements (its byte stride must be a multiple of the item size).
+inline int64_t element_stride(const py::array& a, int dim, const char* name) {
+  const auto item = a.itemsize();
+  PG_CHECK(a.strides(dim) % item == 0, name, " has strides that are not a multiple of its item size");
+  return a.strides(dim) / item;
+}
+
 inline MatrixView host_matrix(const py::array& a, bool bf16, const char* name) {
   PG_CHECK(a.ndim() == 2, name, " must be 2-D [n, d], got ", a.ndim(), " dimension(s)");
   MatrixView v;
   v.dtype = host_dtype(a, bf16, name);
-  const auto item = a.itemsize();
-  PG_CHECK(a.strides(0) % item == 0 && a.strides(1) % item == 0, name, " has strides that are not a multiple of ",
-           "its item size");
   v.data = a.data();
   v.rows = a.shape(0);
   v.cols = a.shape(1);
-  v.row_stride = a.strides(0) / item;
-  v.col_stride = a.strides(1) / item;
+  v.row_stride = element_stride(a, 0, name);
+  v.col_stride = element_stride(a, 1, name);
   return v;
 }
 

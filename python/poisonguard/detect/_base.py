@@ -165,7 +165,11 @@ def mixture_flags(values: np.ndarray, labels: np.ndarray, n_classes: int, d_min:
     return is_poison, scores, separation, share
 
 
-def spread_gate(pr: Any, flags: np.ndarray, k: int, min_ratio: float) -> np.ndarray:
+# Directions whose projections measure a flagged group's spread in the heterogeneity check.
+SPREAD_DIMS = 8
+
+
+def spread_gate(pr: Any, flags: np.ndarray, min_ratio: float, k: int = SPREAD_DIMS) -> np.ndarray:
     """The heterogeneity check of the "auto" rules, in place on ``flags``: per class with flags, the ratio of the
     flagged samples' spread to the others' (trace of their covariance on the class's first ``k`` projections of
     ``pr``, a ``Projected``); a class whose ratio is below ``min_ratio`` keeps no flag. Returns the ratios ``[G]``

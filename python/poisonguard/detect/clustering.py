@@ -579,7 +579,7 @@ class ActivationClustering:
             self.silhouette_[c] = fit.silhouette
         self.spread_ = np.full(g, np.nan)
         if self.min_spread > 0 and pr.directions.shape[2] >= 1:
-            self.spread_ = spread_gate(pr, is_poison, 8, self.min_spread)
+            self.spread_ = spread_gate(pr, is_poison, self.min_spread)
             threshold[np.bincount(y[is_poison], minlength=g) == 0] = np.inf
         self.scores_ = scores
         self.is_poison_ = is_poison

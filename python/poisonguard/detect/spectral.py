@@ -8,12 +8,10 @@ from typing import Any
 import numpy as np
 
 from ..ops.covariance import _as_int
-from ._base import detector_report, flag_top_fraction, mixture_flags, spread_gate
+from ._base import SPREAD_DIMS, detector_report, flag_top_fraction, mixture_flags, spread_gate
 from ._twopass import Projected, check_solver, project_by_class
 
 _PRESETS = ("paper", "art")
-# Directions whose projections measure a mode's spread for the "auto" rules' heterogeneity check.
-SPREAD_DIMS = 8
 
 
 class SpectralSignature:
@@ -153,7 +151,7 @@ class SpectralSignature:
         if self.expected_poison_fraction == "auto":
             flags, llr, self.separation_, self.share_ = mixture_flags(scores, y, g, self.auto_separation, "minor")
             scores[:] = llr  # log-likelihood ratio, suspicious mode vs the other (higher = more suspicious)
-            self.spread_ = spread_gate(pr, flags, SPREAD_DIMS, self.auto_spread)
+            self.spread_ = spread_gate(pr, flags, self.auto_spread)
             self.is_poison_ = flags
             self.threshold_ = np.where(np.bincount(y[flags], minlength=g) > 0, 0.0, np.inf)
         elif self.preset == "art":

@@ -43,10 +43,6 @@ def _as_3d(x: Any, name: str) -> Any:
     return x
 
 
-def _host(x: Any, name: str) -> tuple[np.ndarray, bool]:
-    return host_array(x, name)
-
-
 def linear_grad_sqnorms(a: Any, g: Any, *, method: str = "auto", bias: bool = False) -> tuple[Any, Any, str]:
     """Per-sample squared gradient norms of a linear map (weight, and bias when ``bias``).
 
@@ -108,14 +104,14 @@ def linear_grad_sqnorms(a: Any, g: Any, *, method: str = "auto", bias: bool = Fa
             return weight, bias_out, str(used)
         if a3.device.type != "cpu":
             raise ValueError(f"a is on {a3.device}; CPU and CUDA tensors are supported")
-        ah, bf16 = _host(a3, "a")
-        gh, _ = _host(g3, "g")
+        ah, bf16 = host_array(a3, "a")
+        gh, _ = host_array(g3, "g")
         used = _core.gradnorm_linear(
             ah, gh, method, weight.numpy(), None if bias_out is None else bias_out.numpy(), bf16
         )
         return weight, bias_out, str(used)
-    ah, _ = _host(a3, "a")
-    gh, _ = _host(g3, "g")
+    ah, _ = host_array(a3, "a")
+    gh, _ = host_array(g3, "g")
     weight = np.empty(n, dtype=np.float64)
     bias_out = np.empty(n, dtype=np.float64) if bias else None
     used = _core.gradnorm_linear(ah, gh, method, weight, bias_out, False)

@@ -35,8 +35,8 @@ class _SampleHistory:
     DIRECTION = "both"
 
     def __init__(self, n_samples: int, n_epochs: int = 8) -> None:
-        self.n_samples = _as_count(n_samples, "n_samples", 0)
-        cap = _as_count(n_epochs, "n_epochs", 1)
+        self.n_samples = _as_int(n_samples, "n_samples", 0)
+        cap = _as_int(n_epochs, "n_epochs", 1)
         self._data = np.full((self.n_samples, cap), np.nan, dtype=np.float32)
         self.n_epochs = 0  # epochs with at least one record (the highest epoch recorded + 1)
         self.epoch = 0  # the epoch `record(..., epoch=None)` writes to
@@ -50,7 +50,7 @@ class _SampleHistory:
         vals = _as_floats(values, "values")
         if vals.shape != idx.shape:
             raise ValueError(f"values has shape {vals.shape} but indices has shape {idx.shape}; they must match")
-        e = self.epoch if epoch is None else _as_count(epoch, "epoch", 0)
+        e = self.epoch if epoch is None else _as_int(epoch, "epoch", 0)
         if e >= self._data.shape[1]:
             cap = self._data.shape[1]
             while cap <= e:
@@ -102,7 +102,7 @@ class _SampleHistory:
         Samples not seen in those epochs are never selected; ties are broken by index."""
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-        epochs = _as_count(epochs, "epochs", 1)
+        epochs = _as_int(epochs, "epochs", 1)
         if self.n_epochs == 0:
             raise ValueError("nothing recorded yet")
         v = reduce_epochs(self.values.astype(np.float64), slice(0, min(epochs, self.n_epochs)))
@@ -165,10 +165,6 @@ class GradNormHistory(_SampleHistory):
 
     KIND = "grad_norm"
     DIRECTION = "high"
-
-
-def _as_count(v: Any, name: str, minimum: int) -> int:
-    return _as_int(v, name, minimum)
 
 
 def _as_indices(indices: Any, n: int, name: str = "indices") -> np.ndarray:
