@@ -119,4 +119,34 @@ void pg_bind_cluster(py::module_& m) {
       py::arg("lims"), py::arg("ids"), py::arg("rows"), py::arg("core_label"), py::arg("out"),
       "For query rows[i] with out[rows[i]] < 0: out[rows[i]] = the smallest core_label of its neighbours "
       "ids[lims[i]:lims[i+1]] (indices into core_label [n_core]) that is >= 0 (else -1). In place on out [n] int64.");
+
+  m.def(
+      "dbscan_kdtree",
+      [](const py::array& x, double eps2, int64_t min_samples, int64_t leaf_size) {
+        PG_CHECK(x.ndim() == 2, "x must be 2-D [n, d], got ", x.ndim(), " dimension(s)");
+        PG_CHECK_TYPE(x.dtype().is(py::dtype::of<float>()), "x must be float32, got ", std::string(py::str(x.dtype())));
+        const int64_t n = x.shape(0), d = x.shape(1);
+        PG_CHECK(d >= 1, "x must have at least one column");
+        const int64_t ld = n > 1 ? pg_bind::element_stride(x, 0, "x") : d;
+        PG_CHECK(n == 0 || d == 1 || pg_bind::element_stride(x, 1, "x") == 1, "x must have unit column stride");
+        PG_CHECK(ld >= d, "x rows overlap (row stride ", ld, " < ", d, ")");
+        py::array_t<int64_t> labels(n);
+        py::array_t<bool> core(n);
+        const float* px = static_cast<const float*>(x.data());
+        int64_t* pl = labels.mutable_data();
+        uint8_t* pc = reinterpret_cast<uint8_t*>(core.mutable_data());
+        int64_t count = 0;
+        py::array_t<double> seconds(pg::kDbscanStages);
+        double* ps = seconds.mutable_data();
+        {
+          py::gil_scoped_release nogil;
+          count = pg::dbscan_kdtree_cpu(px, n, d, ld, eps2, min_samples, leaf_size, pl, pc, ps);
+        }
+        return py::make_tuple(labels, core, count, seconds);
+      },
+      py::arg("x"), py::arg("eps2"), py::arg("min_samples"), py::arg("leaf_size") = 32,
+      "Exact DBSCAN of float32 rows x [n, d] (unit column stride) on a kd-tree: (labels [n] int64, core [n] bool, "
+      "n_clusters, seconds [5]: tree, core rows, joins from recorded neighbours, join search, borders). Core: >= "
+      "min_samples rows (itself included) at squared distance <= eps2; clusters numbered by "
+      "their smallest core row; a border row takes the smallest cluster number among its core neighbours.");
 }

@@ -39,4 +39,15 @@ int64_t uf_components_cpu(UnionFind uf, const uint8_t* mask, int64_t* labels);
 /// (-1 stays when none). Neighbour ids index core_label [n_core]; rows index out [n].
 void border_labels_cpu(NeighbourBlock blk, int64_t n, int64_t n_core, const int64_t* core_label, int64_t* out);
 
+/// Exact DBSCAN of the rows of x [n, d] (float32, row stride ld elements) on a kd-tree with leaves of leaf_size
+/// rows: a row is core when at least min_samples rows (itself included) lie within squared distance eps2 (float64
+/// arithmetic, <= eps2); clusters are numbered 0, 1, ... by their smallest core row; a border row takes the
+/// smallest cluster number among its core neighbours (scikit-learn's DBSCAN partition); labels [n] (-1 = noise),
+/// core [n] 0/1. Returns the number of clusters. Meant for low d (a kd-tree prunes poorly beyond ~20 dimensions).
+/// seconds (may be null) receives the wall time of its kDbscanStages stages: tree, core rows, joins from the
+/// neighbours recorded in the core pass, the complete join search, borders.
+constexpr int kDbscanStages = 5;
+int64_t dbscan_kdtree_cpu(const float* x, int64_t n, int64_t d, int64_t ld, double eps2, int64_t min_samples,
+                          int64_t leaf_size, int64_t* labels, uint8_t* core, double* seconds);
+
 }  // namespace pg

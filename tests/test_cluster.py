@@ -1,4 +1,5 @@
-"""DensityClustering (DBSCAN on FAISS) against scikit-learn's DBSCAN and the float64 references in _reference.
+"""DensityClustering (DBSCAN on a kd-tree in _core, or on FAISS) against scikit-learn's DBSCAN and the float64
+references in _reference.
 
 Partitions are compared with the adjusted Rand index and by their noise sets; with ``label_order="index"`` the
 numbering is scikit-learn's, so labels are compared as they are where no distance lies within float32 rounding of
@@ -34,12 +35,13 @@ def _sk(x, eps, ms, metric="euclidean"):
 
 
 # -- against scikit-learn ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("eps", "ms"), [(0.3, 3), (0.5, 5), (0.8, 10), (1.5, 25), (3.0, 4)])
+@pytest.mark.parametrize(("eps", "ms"), [(0.3, 3), (0.5, 5), (0.8, 10), (1.5, 25), (3.0, 4), (1.0, 40)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_matches_sklearn(eps, ms, seed):
+@pytest.mark.parametrize("index", ["kdtree", "flat"])
+def test_matches_sklearn(eps, ms, seed, index):
     x = _blobs(seed).astype(np.float32)
     ref = _sk(x, eps, ms)
-    dc = DensityClustering(eps=eps, min_samples=ms, label_order="index", index="flat").fit(x)
+    dc = DensityClustering(eps=eps, min_samples=ms, label_order="index", index=index).fit(x)
     assert adjusted_rand_score(ref.labels_, dc.labels_) >= 0.99
     np.testing.assert_array_equal(dc.labels_ == -1, ref.labels_ == -1)
     core = np.zeros(len(x), bool)
@@ -63,10 +65,11 @@ def test_both_strategies_match_reference(keep, monkeypatch):
         assert ("one range pass" in dc.strategy_) == (keep > 0 and ms > 1)
 
 
-def test_cosine_matches_sklearn():
+@pytest.mark.parametrize("index", ["kdtree", "flat"])
+def test_cosine_matches_sklearn(index):
     x = _blobs(4, n=800, d=6) + 0.1
     ref = _sk(x, 0.02, 5, metric="cosine")
-    dc = DensityClustering(eps=0.02, min_samples=5, metric="cosine", label_order="index").fit(x)
+    dc = DensityClustering(eps=0.02, min_samples=5, metric="cosine", label_order="index", index=index).fit(x)
     assert adjusted_rand_score(ref.labels_, dc.labels_) >= 0.99
     np.testing.assert_array_equal(dc.labels_ == -1, ref.labels_ == -1)
 
@@ -92,9 +95,91 @@ def test_size_order_and_report():
     assert rep["cluster_sizes"] == sizes.tolist()
     assert rep["n_noise"] == int((dc.labels_ == -1).sum())
     assert rep["eps"] == 0.5 and rep["eps_source"] == "given"
-    assert rep["mode"] == "in memory" and rep["index"]["kind"] == "flat"
+    assert rep["mode"] == "in memory" and rep["index"]["kind"] == "kdtree" and rep["index"]["exact"]
+    assert set(rep["stage_seconds"]) >= {"tree", "core", "join_recorded", "join_search", "border"}
     assert rep["n_core"] == int(dc.core_sample_mask_.sum())
     np.testing.assert_array_equal(DensityClustering(eps=0.5, min_samples=5).fit_predict(x), dc.labels_)
+
+
+# -- kd-tree kernel ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("leaf", [1, 3, 16, 128, 5000])
+@pytest.mark.parametrize(("d", "eps", "ms"), [(1, 0.05, 4), (2, 0.4, 6), (3, 0.6, 1), (5, 1.2, 33), (12, 2.5, 8)])
+def test_kdtree_kernel_vs_reference(leaf, d, eps, ms):
+    """Every leaf size (one row per leaf to one leaf of all), min_samples above and below the recorded-neighbour cap
+    (32), float64 reference by brute force."""
+    x = _blobs(20 + d, n=700, d=d, spread=0.3 * np.sqrt(d)).astype(np.float32)
+    lab, core, k, seconds = _core.dbscan_kdtree(x, eps * eps, ms, leaf)
+    ref_lab, ref_core = _dbscan(x, eps, ms)
+    np.testing.assert_array_equal(core, ref_core)
+    np.testing.assert_array_equal(lab, ref_lab)
+    assert k == ref_lab.max() + 1 and seconds.shape == (5,) and (seconds >= 0).all()
+
+
+def test_kdtree_kernel_degenerate_and_strided():
+    # duplicates everywhere: three points repeated, plus a far one
+    base = np.array([[0, 0], [0, 0.5], [5, 5], [40, 40]], np.float32)
+    x = np.repeat(base, [30, 30, 10, 1], axis=0)[np.random.default_rng(0).permutation(71)]
+    for eps, ms in [(0.0, 5), (0.5, 31), (0.49, 31), (1.0, 11), (100.0, 72), (100.0, 71)]:
+        lab, core, _, _ = _core.dbscan_kdtree(x, eps * eps, ms, 4)
+        ref_lab, ref_core = _dbscan(x, eps, ms)
+        np.testing.assert_array_equal(core, ref_core)
+        np.testing.assert_array_equal(lab, ref_lab)
+    # a row-strided view (every other row of a wider array) and a column slice are read in place
+    wide = _blobs(30, n=400, d=6).astype(np.float32)
+    for view in (wide[::2], wide[:, :4], wide[1::3, 2:5]):
+        lab, core, _, _ = _core.dbscan_kdtree(view, 0.8**2, 5)
+        ref_lab, ref_core = _dbscan(np.ascontiguousarray(view), 0.8, 5)
+        np.testing.assert_array_equal(lab, ref_lab)
+        np.testing.assert_array_equal(core, ref_core)
+    # empty, one row
+    lab, core, k, _ = _core.dbscan_kdtree(np.zeros((0, 3), np.float32), 1.0, 2)
+    assert lab.shape == (0,) and core.shape == (0,) and k == 0
+    lab, core, k, _ = _core.dbscan_kdtree(np.ones((1, 3), np.float32), 1.0, 1)
+    assert lab.tolist() == [0] and core.tolist() == [True] and k == 1
+
+
+def test_kdtree_kernel_distance_at_eps():
+    """Rows at exactly eps are neighbours (<=, scikit-learn's test), also where float32 sums would round across."""
+    x = np.array([[0.0, 0.0], [0.3, 0.4], [0.6, 0.8], [0.1, 0.1], [0.31, 0.41]], np.float32)
+    x64 = x.astype(np.float64)
+    d2 = ((x64[:, None, :] - x64[None, :, :]) ** 2).sum(-1)
+    for eps2 in (d2[0, 1], d2[1, 2], d2[0, 4]):
+        for e2 in (eps2, np.nextafter(eps2, 0), np.nextafter(eps2, 1)):
+            _, core, _, _ = _core.dbscan_kdtree(x, float(e2), 3)
+            np.testing.assert_array_equal(core, (d2 <= e2).sum(1) >= 3)
+
+
+def test_kdtree_kernel_bad_input():
+    x = np.zeros((5, 2), np.float32)
+    with pytest.raises(TypeError, match="float32"):
+        _core.dbscan_kdtree(x.astype(np.float64), 1.0, 2)
+    with pytest.raises(ValueError, match="2-D"):
+        _core.dbscan_kdtree(x[:, 0], 1.0, 2)
+    with pytest.raises(ValueError, match="eps"):
+        _core.dbscan_kdtree(x, -1.0, 2)
+    with pytest.raises(ValueError, match="eps"):
+        _core.dbscan_kdtree(x, float("nan"), 2)
+    with pytest.raises(ValueError, match="min_samples"):
+        _core.dbscan_kdtree(x, 1.0, 0)
+    with pytest.raises(ValueError, match="leaf_size"):
+        _core.dbscan_kdtree(x, 1.0, 2, 0)
+    with pytest.raises(ValueError, match="column"):
+        _core.dbscan_kdtree(np.zeros((5, 0), np.float32), 1.0, 2)
+    with pytest.raises(ValueError, match="column stride"):
+        _core.dbscan_kdtree(np.asfortranarray(np.zeros((5, 3), np.float32)), 1.0, 2)
+
+
+def test_kdtree_without_faiss(monkeypatch):
+    """The kd-tree path needs no FAISS; a FAISS index (or eps=None) names the package to install."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    x = _blobs(31, n=500, d=3).astype(np.float32)
+    dc = DensityClustering(eps=0.6, min_samples=5, label_order="index").fit(x)
+    np.testing.assert_array_equal(dc.labels_, _dbscan(x, 0.6, 5)[0])
+    for kw in ({"index": "flat"}, {"index": "ivf"}, {"eps": None}):
+        with pytest.raises(ImportError, match="pip install faiss-cpu"):
+            DensityClustering(**{"eps": 0.6, **kw}).fit(x)
 
 
 # -- union-find kernel ------------------------------------------------------------------------------------------------
@@ -193,7 +278,9 @@ def test_input_kinds(kind, tmp_path):
     np.testing.assert_array_equal(dc.labels_ == -1, lab == -1)
 
 
-def test_degenerate_inputs():
+@pytest.mark.parametrize("index", ["kdtree", "flat"])
+def test_degenerate_inputs(index, monkeypatch):
+    monkeypatch.setattr(density_mod, "_KDTREE_MAX_DIM", 16 if index == "kdtree" else 0)  # what "auto" picks
     # n = 0
     dc = DensityClustering(eps=1.0).fit(np.zeros((0, 3), np.float32))
     assert dc.labels_.shape == (0,) and dc.n_clusters_ == 0 and dc.report()["n_noise"] == 0
@@ -273,7 +360,7 @@ def test_missing_faiss_message(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_faiss)
     with pytest.raises(ImportError, match="pip install faiss-cpu"):
-        DensityClustering(eps=1.0)
+        DensityClustering(eps=1.0, index="flat").fit(np.zeros((3, 2)))
 
 
 # -- out of core ------------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """DBSCAN with FAISS neighbour search, in memory and out of core.
 
 In memory (``mode="memory"``), the result is DBSCAN's (same partition as ``sklearn.cluster.DBSCAN`` up to
-floating-point ties at distance exactly ``eps``):
+floating-point ties at distance exactly ``eps``). For low dimensions (``index="kdtree"``, the default for d <= 16) the
+whole of DBSCAN runs in ``_core`` on a kd-tree, exact (see ``csrc/cpu/dbscan_cpu.cpp``) and without FAISS. Otherwise,
+with FAISS:
 
 1. core points: a k-NN search with ``k = min_samples`` over all rows (the row itself included): a row is core iff its
    k-th neighbour lies within ``eps``, i.e. its ``eps``-ball holds at least ``min_samples`` rows;
@@ -38,6 +40,10 @@ _BLOCK_PAIRS = 1 << 23
 _KEEP_PAIRS = 1 << 25
 # Rows of the sample the k-distance curve is read on when eps=None.
 _KDIST_SAMPLE = 20_000
+# index="auto" takes the exact kd-tree up to this many dimensions (beyond, boxes prune too little).
+_KDTREE_MAX_DIM = 16
+# kd-tree leaf rows: leaves are scanned with vectorised distances, so large leaves beat a deep tree at d ~ 10.
+_KDTREE_LEAF = 128
 
 
 def import_faiss() -> Any:
@@ -71,10 +77,12 @@ class DensityClustering:
     metric : {"l2", "cosine"}
         ``"cosine"`` normalises rows (a copy) and searches with L2: ``|a - b|^2 = 2 (1 - cos)``; zero rows are an
         error.
-    index : {"auto", "flat", "ivf"}
-        FAISS index. ``"flat"``: exact. ``"ivf"``: IndexIVFFlat, approximate (a neighbour in a cell that is not
+    index : {"auto", "kdtree", "flat", "ivf"}
+        Neighbour search. ``"kdtree"``: exact, in ``_core`` (no FAISS needed unless ``eps=None``), fast for low d.
+        ``"flat"``: FAISS, exact. ``"ivf"``: IndexIVFFlat, approximate (a neighbour in a cell that is not
         probed is missed, so a few rows may turn noise or clusters split); ``nlist = 4 sqrt(n)`` cells, ``nprobe``
-        probed (default ``max(16, nlist // 64)``). ``"auto"``: flat up to 50 000 rows, IVF above. With faiss-gpu and a
+        probed (default ``max(16, nlist // 64)``). ``"auto"``: kdtree for d <= 16 (L2 or cosine), else flat up to 50 000
+        rows and IVF above. With faiss-gpu and a
         GPU (``faiss.get_num_gpus()``) the k-NN step of a flat index runs on the GPU; FAISS has no GPU range search,
         so those stay on the CPU.
     seed : int
@@ -125,7 +133,6 @@ class DensityClustering:
         chunk_rows: int = 65536,
         progress: bool = False,
     ) -> None:
-        import_faiss()
         self.eps = eps
         self.min_samples = min_samples
         self.metric = metric
@@ -164,7 +171,7 @@ class DensityClustering:
             raise ValueError(f"reach must be a number > 0, got {self.reach!r}")
         for name, allowed in (
             ("metric", ("l2", "cosine")),
-            ("index", ("auto", "flat", "ivf")),
+            ("index", ("auto", "kdtree", "flat", "ivf")),
             ("mode", ("auto", "memory", "stream")),
             ("label_order", ("size", "index")),
         ):
@@ -185,7 +192,6 @@ class DensityClustering:
         or an unreadable type, ValueError for a shape that is not 2-D, non-finite values, or bad parameters.
         """
         self._check_params()
-        faiss = import_faiss()
         t0 = time.perf_counter()
         arr, n, d, src = _open_input(x, self.chunk_rows)
         if d == 0 and n > 0:
@@ -198,10 +204,13 @@ class DensityClustering:
             from ._stream import fit_stream
 
             src = src if src is not None else _array_source(arr, self.chunk_rows)
-            fit_stream(self, faiss, src)
+            fit_stream(self, import_faiss(), src)
         else:
             xf = _load_float32(arr, src, n, d)
-            self._fit_memory(faiss, xf)
+            if self._index_kind(n, d) == "kdtree":
+                self._fit_kdtree(xf)
+            else:
+                self._fit_memory(import_faiss(), xf)
         self.mode_ = mode
         self.seconds_ = time.perf_counter() - t0
         return self
@@ -251,6 +260,43 @@ class DensityClustering:
         else:
             self.strategy_ = "k-NN core test, then range search from core and from non-core rows"
             labels, core = self._three_pass(faiss, index, xf, r2, radius, ms, stages)
+        self._set_result(labels, core, stages)
+
+    def _fit_kdtree(self, xf: np.ndarray) -> None:
+        """Exact DBSCAN in ``_core`` on a kd-tree (rows not centred: the kernel's differences are exact)."""
+        from .. import _core
+
+        n = len(xf)
+        stages: dict[str, float] = {}
+        t = time.perf_counter()
+        if self.metric == "cosine":
+            norms = np.linalg.norm(xf, axis=1, keepdims=True)
+            if n and not (norms > 0).all():
+                bad = np.flatnonzero(norms[:, 0] <= 0)[:5].tolist()
+                raise ValueError(f"metric='cosine' needs non-zero rows; rows {bad} are zero")
+            xf /= norms
+        stages["prepare"] = time.perf_counter() - t
+        self.index_ = {"kind": "kdtree", "exact": True, "leaf_size": _KDTREE_LEAF}
+        self.strategy_ = "kd-tree: core counts, joins from recorded neighbours, join search, borders"
+        if n == 0:
+            self.eps_ = float(self.eps) if self.eps is not None else float("nan")
+            self.eps_source_ = "given" if self.eps is not None else "no rows"
+            self._set_result(np.empty(0, np.int64), np.zeros(0, bool), stages)
+            return
+        if self.eps is None:
+            t = time.perf_counter()
+            faiss = import_faiss()
+            index, _ = self._build_index(faiss, xf, kind="flat" if n <= _FLAT_MAX_ROWS else "ivf")
+            self.eps_, self.eps_source_, self.kdist_ = self._choose_eps(index, xf)
+            del index
+            stages["choose_eps"] = time.perf_counter() - t
+        else:
+            self.eps_, self.eps_source_ = float(self.eps), "given"
+        labels, core, _, seconds = _core.dbscan_kdtree(
+            xf, self._radius2(self.eps_), int(self.min_samples), _KDTREE_LEAF
+        )
+        for name, sec in zip(("tree", "core", "join_recorded", "join_search", "border"), seconds):
+            stages[name] = float(sec)
         self._set_result(labels, core, stages)
 
     def _estimate_pairs(self, index: Any, xf: np.ndarray, radius: float) -> float:
@@ -340,14 +386,19 @@ class DensityClustering:
         """The squared-L2 radius of an ``eps`` neighbourhood in the searched space."""
         return 2.0 * eps if self.metric == "cosine" else eps * eps
 
-    def _index_kind(self, n: int) -> str:
+    def _index_kind(self, n: int, d: int) -> str:
         if self.index != "auto":
             return self.index
+        if d <= _KDTREE_MAX_DIM:
+            return "kdtree"
         return "flat" if n <= _FLAT_MAX_ROWS else "ivf"
 
-    def _build_index(self, faiss: Any, xb: np.ndarray, train_on: np.ndarray | None = None) -> tuple[Any, dict]:
+    def _build_index(
+        self, faiss: Any, xb: np.ndarray, train_on: np.ndarray | None = None, kind: str | None = None
+    ) -> tuple[Any, dict]:
         n, d = xb.shape
-        kind = self._index_kind(n if train_on is None else len(train_on))
+        if kind is None:
+            kind = self._index_kind(n if train_on is None else len(train_on), d)
         if kind == "flat":
             index = faiss.IndexFlatL2(d)
             index.add(xb)
