@@ -31,6 +31,11 @@
 #include "common/check.h"
 #include "common/parallel.h"
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PG_DBSCAN_AVX2 1
+#endif
+
 namespace pg {
 namespace {
 
@@ -43,7 +48,12 @@ struct Node {
   int64_t n_core = 0;
   int64_t rep = -1;   // a core row of the node (tree position), -1 when none
   bool same = false;  // all core rows of the node are in one set (only ever turns true)
+  int64_t soa = 0;    // leaves: offset of the column-major block (rows padded to a multiple of 8 with +inf)
 };
+
+inline int64_t padded_rows(int64_t m) {
+  return (m + 7) / 8 * 8;
+}
 
 inline float lane_sum(const float* a) {
   return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
@@ -60,33 +70,80 @@ class Tree {
     ld_ = ld;
     if (n > 0) build(0, n);
     pts_.assign(static_cast<size_t>(n * dp_), 0.0f);
-    soa_.resize(static_cast<size_t>(n * d));
     for (int64_t p = 0; p < n; ++p) {
       const float* row = x + perm_[p] * ld;
       std::copy(row, row + d, pts_.data() + p * dp_);
     }
+    int64_t total = 0;
+    for (Node& nd : nodes_) {
+      if (nd.left >= 0) continue;
+      nd.soa = total;
+      total += padded_rows(nd.end - nd.begin) * d;
+    }
+    soa_.assign(static_cast<size_t>(total), std::numeric_limits<float>::infinity());
     for (const Node& nd : nodes_) {
       if (nd.left >= 0) continue;
-      const int64_t m = nd.end - nd.begin;
-      float* blk = soa_.data() + nd.begin * d;
+      const int64_t m = nd.end - nd.begin, mp = padded_rows(m);
+      float* blk = soa_.data() + nd.soa;
       for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < d; ++j) blk[j * m + i] = pts_[(nd.begin + i) * dp_ + j];
+        for (int64_t j = 0; j < d; ++j) blk[j * mp + i] = pts_[(nd.begin + i) * dp_ + j];
     }
   }
 
-  // Squared distances (float32) from q to the rows of leaf nd, into out[0 : rows of nd].
-  void leaf_d2(const Node& nd, const float* __restrict__ q, float* __restrict__ out) const {
-    const int64_t m = nd.end - nd.begin;
-    const float* __restrict__ blk = soa_.data() + nd.begin * d_;
-    for (int64_t i = 0; i < m; ++i) out[i] = 0.0f;
+  // Squared distances (float32) from q to the rows of leaf nd, into out[0 : padded rows of nd] (padding rows get
+  // +inf); returns how many are <= limit (most leaves a search reaches hold none, and are then done with).
+  int64_t leaf_d2(const Node& nd, const float* __restrict__ q, float* __restrict__ out, float limit) const {
+    const int64_t mp = padded_rows(nd.end - nd.begin);
+    const float* __restrict__ blk = soa_.data() + nd.soa;
+    int64_t near = 0;
+#if defined(PG_DBSCAN_AVX2)
+    // Blocks of 32 rows: four 8-lane sums stay in registers across all columns.
+    const __m256 lim = _mm256_set1_ps(limit);
+    int64_t i0 = 0;
+    for (; i0 + 32 <= mp; i0 += 32) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t j = 0; j < d_; ++j) {
+        const __m256 qj = _mm256_set1_ps(q[j]);
+        const float* col = blk + j * mp + i0;
+        const __m256 v0 = _mm256_sub_ps(_mm256_loadu_ps(col), qj), v1 = _mm256_sub_ps(_mm256_loadu_ps(col + 8), qj);
+        const __m256 v2 = _mm256_sub_ps(_mm256_loadu_ps(col + 16), qj),
+                     v3 = _mm256_sub_ps(_mm256_loadu_ps(col + 24), qj);
+        a0 = _mm256_fmadd_ps(v0, v0, a0);
+        a1 = _mm256_fmadd_ps(v1, v1, a1);
+        a2 = _mm256_fmadd_ps(v2, v2, a2);
+        a3 = _mm256_fmadd_ps(v3, v3, a3);
+      }
+      _mm256_storeu_ps(out + i0, a0);
+      _mm256_storeu_ps(out + i0 + 8, a1);
+      _mm256_storeu_ps(out + i0 + 16, a2);
+      _mm256_storeu_ps(out + i0 + 24, a3);
+      near += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a0, lim, _CMP_LE_OQ)))) +
+              __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a1, lim, _CMP_LE_OQ)))) +
+              __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a2, lim, _CMP_LE_OQ)))) +
+              __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a3, lim, _CMP_LE_OQ))));
+    }
+    for (; i0 < mp; i0 += 8) {
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t j = 0; j < d_; ++j) {
+        const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(blk + j * mp + i0), _mm256_set1_ps(q[j]));
+        a = _mm256_fmadd_ps(v, v, a);
+      }
+      _mm256_storeu_ps(out + i0, a);
+      near += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a, lim, _CMP_LE_OQ))));
+    }
+#else
+    for (int64_t i = 0; i < mp; ++i) out[i] = 0.0f;
     for (int64_t j = 0; j < d_; ++j) {
       const float qj = q[j];
-      const float* col = blk + j * m;
-      for (int64_t i = 0; i < m; ++i) {
+      const float* __restrict__ col = blk + j * mp;
+      for (int64_t i = 0; i < mp; ++i) {
         const float v = col[i] - qj;
         out[i] += v * v;
       }
     }
+    for (int64_t i = 0; i < mp; ++i) near += out[i] <= limit;
+#endif
+    return near;
   }
 
   int64_t n() const { return n_; }
@@ -101,7 +158,7 @@ class Tree {
   int64_t max_leaf() const {
     int64_t m = 1;
     for (const Node& nd : nodes_)
-      if (nd.left < 0) m = std::max(m, nd.end - nd.begin);
+      if (nd.left < 0) m = std::max(m, padded_rows(nd.end - nd.begin));
     return m;
   }
 
@@ -253,7 +310,7 @@ int64_t count_within(const Tree& t, const Radius& r, const float* q, int64_t nee
       count += nd.end - nd.begin;
       for (int64_t u = nd.begin; u < nd.end && nr < cap; ++u) rec[nr++] = static_cast<int32_t>(u);
     } else if (t.leaf(nd)) {
-      t.leaf_d2(nd, q, s.dist.data());
+      if (t.leaf_d2(nd, q, s.dist.data(), r.hi) == 0) continue;
       const float* f = s.dist.data();
       const int64_t m = nd.end - nd.begin;
       if (nr < cap) {
@@ -297,7 +354,7 @@ bool any_core_within(const Tree& t, const Radius& r, const uint8_t* core, const 
     if (nd.n_core == 0) continue;
     if (nd.n_core == nd.end - nd.begin && r.box_in(t.max_d2(q, m))) return true;
     if (t.leaf(nd)) {
-      t.leaf_d2(nd, q, s.dist.data());
+      if (t.leaf_d2(nd, q, s.dist.data(), r.hi) == 0) continue;
       for (int64_t i = 0, len = nd.end - nd.begin; i < len; ++i)
         if (core[nd.begin + i] && r.within(t, q, nd.begin + i, s.dist[i])) return true;
     } else {
@@ -396,7 +453,7 @@ void join_cores(Tree& t, const Radius& r, const uint8_t* core, int64_t* parent, 
       }
       if (r.box_out(v.md)) continue;
       if (t.leaf(nd)) {
-        t.leaf_d2(nd, q, s.dist.data());
+        if (t.leaf_d2(nd, q, s.dist.data(), r.hi) == 0) continue;  // no row within eps: nothing to join
         for (int64_t i = 0, len = nd.end - nd.begin; i < len; ++i) {
           const int64_t u = nd.begin + i;
           if (!core[u] || !r.within(t, q, u, s.dist[i])) continue;
@@ -436,7 +493,7 @@ int64_t border_label(const Tree& t, const Radius& r, const uint8_t* core, const 
       continue;
     }
     if (t.leaf(nd)) {
-      t.leaf_d2(nd, q, s.dist.data());
+      if (t.leaf_d2(nd, q, s.dist.data(), r.hi) == 0) continue;
       for (int64_t i = 0, len = nd.end - nd.begin; i < len; ++i) {
         const int64_t u = nd.begin + i;
         if (core[u] && label[u] < best && r.within(t, q, u, s.dist[i])) best = label[u];
