@@ -115,6 +115,20 @@ def test_kdtree_kernel_vs_reference(leaf, d, eps, ms):
     assert k == ref_lab.max() + 1 and seconds.shape == (5,) and (seconds >= 0).all()
 
 
+@pytest.mark.parametrize("ms", [4, 40])
+def test_kdtree_threaded_matches_sklearn(ms):
+    """Enough rows for the threaded passes (the join shares its union-find between threads): scikit-learn's labels,
+    core set and numbering exactly."""
+    x = _blobs(40, n=30000, d=3, centers=12, spread=0.6, noise=0.2).astype(np.float32)
+    ref = _sk(x, 0.35, ms)
+    lab, core, k, _ = _core.dbscan_kdtree(x, 0.35**2, ms)
+    ref_core = np.zeros(len(x), bool)
+    ref_core[ref.core_sample_indices_] = True
+    np.testing.assert_array_equal(core, ref_core)
+    np.testing.assert_array_equal(lab, ref.labels_)
+    assert k == ref.labels_.max() + 1 > 5
+
+
 def test_kdtree_kernel_degenerate_and_strided():
     # duplicates everywhere: three points repeated, plus a far one
     base = np.array([[0, 0], [0, 0.5], [5, 5], [40, 40]], np.float32)

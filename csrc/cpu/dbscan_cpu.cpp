@@ -3,11 +3,12 @@
 //
 // 1. core rows: a range count from every row (threads over rows) that stops at min_samples; a box wholly inside the
 //    ball adds its size without touching its rows. The first min(min_samples, 32) rows found within eps are kept.
-// 2. clusters (one thread, union-find over tree positions):
+// 2. clusters (union-find over tree positions):
 //    a. every core row is united with the core rows it kept: a near-neighbour graph that already joins most of each
 //       cluster;
 //    b. the nodes whose core rows are all in one set are marked ("same", bottom-up; the mark only ever turns on);
-//    c. a complete search from every core row: a same node in the query's set is skipped whatever its geometry, a
+//    c. a complete search from every core row (threads, sharing the union-find through atomics): a same node in the
+//    query's set is skipped whatever its geometry, a
 //       same node of another set needs one core row within eps (the search stops at the first), other nodes are
 //       searched. After (a) most nodes are same, so this costs about a tree descent per row.
 // 3. borders: a non-core row joins the cluster with the smallest number among its core rows within eps, which is
@@ -421,14 +422,46 @@ void mark_same(Tree& t, const uint8_t* core, int64_t* parent) {
   }
 }
 
-// Unites every core row with the core rows within eps (tree positions; parent/size over [0, n)).
-void join_cores(Tree& t, const Radius& r, const uint8_t* core, int64_t* parent, int64_t* size, Scratch& s) {
+// A union-find that threads share: parents are read and written atomically (relaxed: a parent pointer only ever
+// moves to an ancestor, so a stale read is still an ancestor), roots are linked by compare-and-swap, the larger
+// index under the smaller. Sets only merge, so "u and v had the same root" stays true.
+inline int64_t shared_find(int64_t* parent, int64_t i) {
+  while (true) {
+    const int64_t p = __atomic_load_n(&parent[i], __ATOMIC_RELAXED);
+    if (p == i) return i;
+    const int64_t g = __atomic_load_n(&parent[p], __ATOMIC_RELAXED);
+    if (g != p) __atomic_store_n(&parent[i], g, __ATOMIC_RELAXED);  // path halving
+    i = g;
+  }
+}
+
+inline int64_t shared_unite(int64_t* parent, int64_t a, int64_t b) {
+  while (true) {
+    a = shared_find(parent, a);
+    b = shared_find(parent, b);
+    if (a == b) return a;
+    if (a < b) std::swap(a, b);
+    int64_t expected = a;
+    if (__atomic_compare_exchange_n(&parent[a], &expected, b, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) return b;
+  }
+}
+
+inline bool is_same(const Node& nd) {
+  return __atomic_load_n(&nd.same, __ATOMIC_RELAXED);
+}
+inline void set_same(Node& nd) {
+  __atomic_store_n(&nd.same, true, __ATOMIC_RELAXED);
+}
+
+// Unites every core row in tree positions [b, e) with the core rows within eps. Threads may run it on disjoint
+// ranges at once (the union-find and the same marks are shared through atomics).
+void join_cores(Tree& t, const Radius& r, const uint8_t* core, int64_t* parent, int64_t b, int64_t e, Scratch& s) {
   auto& nodes = t.nodes();
   auto& stack = s.stack;
-  for (int64_t p = 0; p < t.n(); ++p) {
+  for (int64_t p = b; p < e; ++p) {
     if (!core[p]) continue;
     const float* q = t.row(p);
-    int64_t rp = find_root(parent, p);
+    int64_t rp = shared_find(parent, p);
     stack.clear();
     stack.push_back({0, t.min_d2(q, 0)});
     while (!stack.empty()) {
@@ -436,19 +469,23 @@ void join_cores(Tree& t, const Radius& r, const uint8_t* core, int64_t* parent, 
       stack.pop_back();
       Node& nd = nodes[v.k];
       if (nd.n_core == 0) continue;
-      if (!nd.same && !t.leaf(nd)) {
+      bool same = is_same(nd);
+      if (!same && !t.leaf(nd)) {
         // Lazily: a node whose two children are each in one set, the same set, is in one set.
-        const Node &a = nodes[nd.left], &b = nodes[nd.right];
-        if (a.same && b.same &&
-            (a.n_core == 0 || b.n_core == 0 || find_root(parent, a.rep) == find_root(parent, b.rep)))
-          nd.same = true;
+        const Node &a = nodes[nd.left], &c = nodes[nd.right];
+        if (is_same(a) && is_same(c) &&
+            (a.n_core == 0 || c.n_core == 0 || shared_find(parent, a.rep) == shared_find(parent, c.rep))) {
+          set_same(nd);
+          same = true;
+        }
       }
-      if (nd.same) {
+      if (same) {
         if (r.box_out(v.md)) continue;
-        const int64_t rk = find_root(parent, nd.rep);
+        const int64_t rk = shared_find(parent, nd.rep);
+        rp = shared_find(parent, rp);
         if (rk == rp) continue;
         if (r.box_in(t.max_d2(q, v.k)) || any_core_within(t, r, core, q, v.k, v.md, s))
-          rp = unite_roots(parent, size, rp, rk);
+          rp = shared_unite(parent, rp, rk);
         continue;
       }
       if (r.box_out(v.md)) continue;
@@ -456,14 +493,12 @@ void join_cores(Tree& t, const Radius& r, const uint8_t* core, int64_t* parent, 
         if (t.leaf_d2(nd, q, s.dist.data(), r.hi) == 0) continue;  // no row within eps: nothing to join
         for (int64_t i = 0, len = nd.end - nd.begin; i < len; ++i) {
           const int64_t u = nd.begin + i;
-          if (!core[u] || !r.within(t, q, u, s.dist[i])) continue;
-          const int64_t ru = find_root(parent, u);
-          if (ru != rp) rp = unite_roots(parent, size, rp, ru);
+          if (core[u] && r.within(t, q, u, s.dist[i])) rp = shared_unite(parent, rp, u);
         }
-        const int64_t r0 = find_root(parent, nd.rep);
+        const int64_t r0 = shared_find(parent, nd.rep);
         bool all = true;
-        for (int64_t u = nd.begin; u < nd.end && all; ++u) all = !core[u] || find_root(parent, u) == r0;
-        nd.same = all;
+        for (int64_t u = nd.begin; u < nd.end && all; ++u) all = !core[u] || shared_find(parent, u) == r0;
+        if (all) set_same(nd);
         continue;
       }
       push_children(t, r, nd, q, stack);
@@ -561,10 +596,10 @@ int64_t dbscan_kdtree_cpu(const float* x, int64_t n, int64_t d, int64_t ld, doub
   }
   mark_same(t, core.data(), parent.data());
   lap();
-  {
+  parallel_for(n, 4096, [&](int, int64_t b, int64_t e) {
     Scratch s(leaf_rows);
-    join_cores(t, r, core.data(), parent.data(), size.data(), s);
-  }
+    join_cores(t, r, core.data(), parent.data(), b, e, s);
+  });
   lap();
 
   // Number the sets by their smallest core row (original order).
