@@ -64,7 +64,8 @@ def _check_int(value: Any, name: str, low: int) -> int:
 
 
 class DensityClustering:
-    """DBSCAN on FAISS neighbour search.
+    """DBSCAN: an exact kd-tree in ``_core`` for low dimensions, FAISS neighbour search above, out of core for
+    sources larger than memory.
 
     Parameters
     ----------
