@@ -1,4 +1,5 @@
-"""The book-keeping kernels (per-sample squared norms AND the summed weight gradient) against float64 references."""
+"""The book-keeping kernels (per-sample squared norms AND the summed weight gradient) against float64 references, and
+GradNormTracker's parameter gradients (which the book-keeping form computes itself) against a plain step's."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from poisonguard.ops import gradnorm_method
 from poisonguard.ops.gradnorm import conv_grad_bookkeeping, linear_grad_bookkeeping
 
 torch = pytest.importorskip("torch")
+from poisonguard.torch import GradNormTracker  # noqa: E402
+from poisonguard.torch import gradnorm as tracker_module  # noqa: E402
+from test_gradnorm import TorchEncoder, _vmap_norms  # noqa: E402
+from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 # relative to the largest entry: sums of B·T products rounded in the input's (compute) dtype
@@ -143,3 +148,140 @@ def test_bookkeeping_cost_model():
     for t, din, dout in [(16, 128, 128), (20, 128, 128), (50, 1024, 1024), (60, 1024, 1024), (3, 9, 11)]:
         ghost = 1.15 * (t * t * (din + dout) / 2 + t * t)
         assert gradnorm_method(t, din, dout, bookkeeping=True) == ("ghost" if ghost <= 3 * din * dout else "direct")
+
+
+# -- tracker: parameter gradients as a plain step's -----------------------------------------------------------------
+class SeqModel(nn.Module):
+    """Sequence Linear layers (T = 6), one with its input needing no gradient, a frozen-weight one, a T = 1 head."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 12)
+        self.mid = nn.Linear(12, 12, bias=False)
+        self.frozen = nn.Linear(12, 8)
+        self.frozen.weight.requires_grad_(False)
+        self.head = nn.Linear(8 * 6, 4)
+
+    def forward(self, x):
+        h = self.frozen(torch.tanh(self.mid(torch.relu(self.inp(x)))))
+        return self.head(h.flatten(1))
+
+
+def _grad_models():
+    torch.manual_seed(1)
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, dilation=2, groups=2, padding=2, padding_mode="reflect"),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, (2, 3), stride=(1, 2), padding=(1, 0), bias=False, padding_mode="circular"),
+        nn.GroupNorm(2, 6),
+        nn.Conv2d(6, 6, 2, padding="same", groups=3),  # even kernel: asymmetric padding
+        nn.Conv2d(6, 4, 1, padding_mode="replicate", padding=1),
+        nn.Flatten(),
+        nn.Linear(4 * 7 * 3, 4),
+    )
+    cnn1d = nn.Sequential(
+        nn.Conv1d(3, 6, 5, padding="same"),
+        nn.ReLU(),
+        nn.Conv1d(6, 6, 3, stride=2, dilation=2, groups=3, padding=2, padding_mode="replicate"),
+        nn.Flatten(),
+        nn.Linear(6 * 6, 4),
+    )
+    tokens = torch.randint(0, 6, (6, 9))
+    return {
+        "cnn": (cnn, torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))),
+        "cnn1d": (cnn1d, torch.randn(4, 3, 12), torch.randint(0, 4, (4,))),
+        "seq_linear": (SeqModel(), torch.randn(5, 6, 5), torch.randint(0, 4, (5,))),
+        "torch_encoder": (TorchEncoder(), tokens, torch.randint(0, 3, (6,))),
+    }
+
+
+def _plain_grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_grads_close(got, want, tol):
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k] is not None, k
+        err = float((got[k] - want[k]).abs().max() / want[k].abs().max().clamp_min(1e-300))
+        assert err <= tol, (k, err)
+
+
+@pytest.mark.parametrize("method", ["auto", "direct", "ghost"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", ["cnn", "cnn1d", "seq_linear", "torch_encoder"])
+def test_tracker_grads_match_plain_step(kind, dtype, method, monkeypatch):
+    model, x, y = _grad_models()[kind]
+    if dtype == "float64":
+        model = model.double()
+        x = x.double() if x.is_floating_point() else x
+    want = _plain_grads(model, x, y)
+    calls = []
+    for fn in ("conv_grad_bookkeeping", "linear_grad_bookkeeping"):
+        orig = getattr(tracker_module, fn)
+        monkeypatch.setattr(tracker_module, fn, lambda *a, orig=orig, **k: calls.append(1) or orig(*a, **k))
+    model.zero_grad(set_to_none=True)
+    with GradNormTracker(model, method=method) as tr:
+        F.cross_entropy(model(x), y).backward()
+    got = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+    _assert_grads_close(got, want, 1e-10 if dtype == "float64" else 1e-5)
+    if method == "direct":  # the book-keeping form ran on every linear map with a trainable weight (q, k, v apart)
+        maps = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+        attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+        assert len(calls) == sum(m.weight.requires_grad for m in maps) + 3 * len(attention)
+    elif method == "ghost":
+        assert not calls
+    ref = _vmap_norms(model, x, y)
+    assert float((tr.norms - ref).abs().max() / ref.abs().max()) <= (1e-10 if dtype == "float64" else 1e-5)
+
+
+def test_tracker_gradient_accumulation_and_backward_outside():
+    model, x, y = _grad_models()["cnn"]
+    g1 = _plain_grads(model, x[:3], y[:3])
+    g2 = _plain_grads(model, x[3:], y[3:])
+    model.zero_grad(set_to_none=True)
+    with GradNormTracker(model, method="direct") as tr:
+        F.cross_entropy(model(x[:3]), y[:3]).backward()
+        F.cross_entropy(model(x[3:]), y[3:]).backward()  # a second step accumulating into .grad
+    got = {k: p.grad for k, p in model.named_parameters()}
+    _assert_grads_close(got, {k: g1[k] + g2[k] for k in g1}, 1e-5)
+    assert tr.norms.shape == (2,)  # the norms are those of the second step
+    torch.testing.assert_close(tr.norms, _vmap_norms(model, x[3:], y[3:]), rtol=1e-5, atol=0)
+    # a graph built inside the block but differentiated after it: plain gradients, nothing recorded
+    model.zero_grad(set_to_none=True)
+    tr = GradNormTracker(model, method="direct")
+    with tr:
+        loss = F.cross_entropy(model(x[:3]), y[:3])
+    loss.backward()
+    _assert_grads_close({k: p.grad for k, p in model.named_parameters()}, g1, 1e-5)
+    with pytest.raises(RuntimeError, match="no per-sample norms"):
+        _ = tr.norms
+    # parameter hooks still see the summed gradient
+    seen = []
+    handle = model[0].weight.register_hook(lambda g: seen.append(g.clone()))
+    with GradNormTracker(model, method="direct"):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[:3]), y[:3]).backward()
+    handle.remove()
+    torch.testing.assert_close(seen[0], g1["0.weight"], rtol=1e-5, atol=1e-7)
+
+
+def test_tracker_forwards_restored_and_no_grad_forward():
+    model, x, y = _grad_models()["cnn"]
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with pytest.raises(RuntimeError, match="boom"), GradNormTracker(model):
+        assert all("forward" in m.__dict__ for m in convs)
+        model(x)
+        raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with GradNormTracker(model) as tr:
+        with torch.no_grad():
+            plain = model(x)
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+    torch.testing.assert_close(out.detach(), plain, rtol=1e-6, atol=1e-6)
+    assert tr.norms.shape == (5,)
