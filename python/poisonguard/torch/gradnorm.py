@@ -1,25 +1,41 @@
 """Per-sample gradient norms from one ordinary backward: :class:`GradNormTracker`.
 
-Forward hooks keep a reference to each tracked layer's input (no copy: autograd keeps the same tensor for the
-weight gradient anyway); a hook on the layer's output tensor receives the output gradient during the backward and
-computes that layer's per-sample squared norms at once, then drops the input, so nothing outlives the backward and no
-per-sample gradient is ever formed.
+Each tracked layer keeps a reference to its input (no copy: autograd keeps the same tensor for the weight gradient
+anyway); during the backward the layer's output gradient arrives (in a hook on the output tensor, or in the backward
+of the book-keeping function below) and that layer's per-sample squared norms are computed at once, then the input is
+dropped, so nothing outlives the backward and the per-sample gradients of the batch are never stored.
 
-Per layer kind:
+Linear and Conv layers are handled by their forward, swapped (an instance attribute) while the tracker is entered
+and put back on exit; per call the cost model (:func:`poisonguard.ops.gradnorm_method` with ``bookkeeping=True``)
+picks one of two forms, see ``tracker.methods``:
 
-* ``Linear`` — inputs ``[B, ..., d_in]`` seen as ``[B, T, d_in]``: :func:`poisonguard.ops.linear_grad_sqnorms`
-  (ghost or direct form, chosen per layer by the cost model; see ``tracker.methods``);
-* ``Conv1d`` / ``Conv2d`` — the same kernel on the unfolded input (``F.unfold``: ``[B, L, C_in/groups·k]`` per group
-  of channels; stride, padding, padding mode, dilation and groups honoured);
+* ``"direct"`` as book-keeping (CPU, float32/float64, weight trainable, no autocast): the layer runs as an
+  ``autograd.Function`` whose forward is ``F.linear`` / ``F.conv*d`` and whose backward builds each sample's weight
+  gradient ``G_bᵀ A_b`` a tile at a time (:func:`poisonguard.ops.linear_grad_bookkeeping`,
+  :func:`poisonguard.ops.conv_grad_bookkeeping`: a convolution's patches are packed per sample, never unfolded for
+  the batch), squares it for the norm AND sums it into the weight gradient returned to autograd, which therefore does
+  not compute that gradient itself; the input and bias gradients are torch's. ``.grad``, parameter hooks and
+  gradient accumulation work as in a plain step (equal up to float rounding). A backward run after the block still
+  gets plain gradients (and records nothing). Cheaper than ghost wherever a sample has many positions (``T > 1``:
+  sequence Linear, convolutions);
+* ``"ghost"`` (or the kernels' direct form where book-keeping cannot run): the plain forward, and a hook on the output
+  gradient computes the norms with :func:`poisonguard.ops.linear_grad_sqnorms` — ``Linear`` inputs
+  ``[B, ..., d_in]`` seen as ``[B, T, d_in]``; ``Conv1d`` / ``Conv2d`` on the unfolded input (``[B, L,
+  C_in/groups·k]`` per group of channels; stride, padding, padding mode, dilation and groups honoured). Cheapest for
+  ``T = 1`` (``‖a‖²‖g‖²``).
+
+Other layers:
+
 * ``Embedding`` — the gradient rows of one sample are summed per token id before squaring, so repeated tokens are
   exact (``padding_idx`` rows get no gradient, as in torch);
 * ``LayerNorm`` / ``GroupNorm`` — per-sample affine gradients ``Σ_positions g·x̂`` and ``Σ g``, ``x̂`` recomputed from
   the captured input;
 * ``MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer`` etc.) — while the tracker is entered its forward
-  is replaced by the same computation written with three ``F.linear`` input projections (hooked like Linear layers;
-  they are the row blocks of ``in_proj_weight``) and ``out_proj`` called as a module; the original forward is put
-  back on exit. Batch-first or sequence-first, kdim/vdim, masks and attention weights are supported;
-  ``add_bias_kv`` / ``add_zero_attn`` are not. The outputs match torch's to float rounding (~1e-7), not bitwise.
+  is replaced by the same computation written with three ``F.linear`` input projections (tracked like Linear layers,
+  book-keeping included; they are the row blocks of ``in_proj_weight``) and ``out_proj`` called as a module; the
+  original forward is put back on exit. Batch-first or sequence-first, kdim/vdim, masks and attention weights are
+  supported; ``add_bias_kv`` / ``add_zero_attn`` are not. The outputs match torch's to float rounding (~1e-7), not
+  bitwise.
 
 Anything else that owns trainable parameters raises ``ValueError`` naming it when the tracker is created (BatchNorm
 mixes samples through its batch statistics, so its "per-sample gradient" is not defined). Frozen parameters
@@ -85,13 +101,14 @@ class GradNormTracker:
     loss_reduction : ``"mean"`` (default) when the loss is the mean of ``B`` per-sample losses: the captured output
         gradients are then ``1/B`` of the per-sample ones and the norms are multiplied by ``B``; ``"sum"`` when the loss
         is their sum (norms as captured).
-    method : ``"auto"`` (default; per layer by the cost model), ``"ghost"`` or ``"direct"`` for the linear maps.
+    method : ``"auto"`` (default; per layer by the cost model), ``"ghost"`` or ``"direct"`` (book-keeping where it can
+        run) for the linear maps.
 
     After the backward (inside the ``with`` block or after it): ``norms`` — float64 tensor ``[B]`` on the model's
     device; ``layer_norms`` — module name → ``[B]``; ``methods`` — module name → ``"ghost"`` / ``"direct"`` for the
     linear maps (Linear, Conv), ``"exact"`` for the others. A new forward after a backward starts a new step (the
-    previous norms are cleared). The backward must run while the tracker is entered; the hooks are removed on exit,
-    also when the block raises.
+    previous norms are cleared). The backward must run while the tracker is entered; the hooks are removed and the
+    swapped forwards restored on exit, also when the block raises.
 
     Example::
 
@@ -624,7 +641,7 @@ def _affine_sq(xhat: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool) ->
     over positions in the input's dtype, as autograd's own reduction)."""
     out = torch.zeros(xhat.shape[0], dtype=torch.float64, device=xhat.device)
     if weight:
-        out += _row_sq(torch.einsum("bpn,bpn->bn", g, xhat))
+        out += _row_sq((g * xhat).sum(dim=1))  # (einsum would copy both operands into a batched matmul)
     if bias:
         out += _row_sq(g.sum(dim=1))
     return out
