@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import poisonguard as pg
 import torch
 from _harness import header, record, timeit
+from poisonguard.ops.gradnorm import conv_grad_bookkeeping, linear_grad_bookkeeping
 from poisonguard.torch import GradNormTracker
 from poisonguard.torch.gradnorm import conv_operands
 from torch import nn
@@ -201,18 +202,56 @@ def layer_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeat: int)
     rows = []
     for name, (mod, xin, g) in captured.items():
         if isinstance(mod, nn.Linear):
-            ops = [(xin.reshape(xin.shape[0], -1, xin.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1]))]
+            a3 = xin.reshape(xin.shape[0], -1, xin.shape[-1])
+            g3 = g.reshape(g.shape[0], -1, g.shape[-1])
+            ops = [(a3, g3)]
+
+            def weight_grad(a3=a3, g3=g3):
+                return g3.reshape(-1, g3.shape[2]).t().mm(a3.reshape(-1, a3.shape[2]))
+
+            def bookkeeping(a3=a3, g3=g3):
+                return linear_grad_bookkeeping(a3, g3, bias=True)
+
         else:
             ops = conv_operands(mod, xin, g)
-        a3, g3 = ops[0]
-        t = {}
-        for method in ("ghost", "direct", "auto"):
+            a3, g3 = ops[0]
+            nd = xin.dim() - 2
 
-            def run(method=method, ops=ops):
-                return [pg.ops.linear_grad_sqnorms(a, gg, method=method, bias=True) for a, gg in ops]
+            def weight_grad(mod=mod, xin=xin, g=g, nd=nd):
+                return torch.ops.aten.convolution_backward(
+                    g,
+                    xin,
+                    mod.weight,
+                    None,
+                    mod.stride,
+                    mod.padding,
+                    mod.dilation,
+                    False,
+                    [0] * nd,
+                    mod.groups,
+                    (False, True, False),
+                )[1]
 
-            t[method] = timeit(run, repeat=repeat, warmup=1)["median"]
-        chosen = pg.ops.gradnorm_method(a3.shape[1], a3.shape[2], g3.shape[2])
+            def bookkeeping(mod=mod, xin=xin, g=g):
+                return conv_grad_bookkeeping(
+                    xin,
+                    g,
+                    kernel_size=mod.kernel_size,
+                    stride=mod.stride,
+                    padding=mod.padding,
+                    dilation=mod.dilation,
+                    groups=mod.groups,
+                    bias=True,
+                )
+
+        def ghost(ops=ops, weight_grad=weight_grad):
+            weight_grad()  # autograd's weight gradient, which the ghost form leaves to autograd
+            return [pg.ops.linear_grad_sqnorms(a, gg, method="ghost", bias=True) for a, gg in ops]
+
+        chosen = pg.ops.gradnorm_method(a3.shape[1], a3.shape[2], g3.shape[2], bookkeeping=True)
+        forms = {"weight grad": weight_grad, "ghost": ghost, "direct": bookkeeping}
+        forms["auto"] = forms[chosen]
+        t = {k: timeit(fn, repeat=repeat, warmup=1)["median"] for k, fn in forms.items()}
         rows.append(
             {
                 "layer": f"{name} ({type(mod).__name__})",
@@ -301,12 +340,19 @@ def main() -> None:
         )
         if not args.no_layers:
             rows = layer_table(model, x, y, max(3, args.repeat))
-            print(f"  per-layer kernels (median s, B={args.batch}; 'auto' should match the better form)")
-            print(f"  {'layer':<28} {'T':>5} {'d_in':>6} {'d_out':>6} {'ghost':>9} {'direct':>9} {'auto':>9}  chosen")
+            print(
+                f"  per-layer weight gradient + per-sample norms (median s, B={args.batch}; 'wgrad' = torch's alone,"
+                " 'ghost' = torch's + ghost norms, 'direct' = book-keeping (norms and weight gradient in one),"
+                " 'auto' = the tracker's choice, should match the better form)"
+            )
+            print(
+                f"  {'layer':<28} {'T':>5} {'d_in':>6} {'d_out':>6} {'wgrad':>9} {'ghost':>9} {'direct':>9}"
+                f" {'auto':>9}  chosen"
+            )
             for r in rows:
                 print(
-                    f"  {r['layer']:<28} {r['T']:>5} {r['d_in']:>6} {r['d_out']:>6} {r['ghost']:>9.5f}"
-                    f" {r['direct']:>9.5f} {r['auto']:>9.5f}  {r['chosen']}"
+                    f"  {r['layer']:<28} {r['T']:>5} {r['d_in']:>6} {r['d_out']:>6} {r['weight grad']:>9.5f}"
+                    f" {r['ghost']:>9.5f} {r['direct']:>9.5f} {r['auto']:>9.5f}  {r['chosen']}"
                 )
 
 

@@ -48,17 +48,32 @@ pg::GradNormMethod parse_method(const std::string& method, int64_t t, int64_t d_
   return pg::choose_gradnorm_method(t, d_in, d_out);
 }
 
+double* optional_out(const py::object& out, int64_t n) {
+  if (out.is_none()) return nullptr;
+  py::array arr = out.cast<py::array>();
+  return pg_bind::mutable_data<double>(arr, "bias_sq", {n});
+}
+
+// The book-keeping kernels' weight-gradient output: C-contiguous [d_out, d_in] in the compute type of `dt`.
+void* grad_weight_out(py::array& out, pg::DType dt, int64_t d_out, int64_t d_in) {
+  if (dt == pg::DType::float64) return pg_bind::mutable_data<double>(out, "grad_weight", {d_out, d_in});
+  return pg_bind::mutable_data<float>(out, "grad_weight", {d_out, d_in});
+}
+
 }  // namespace
 
 void pg_bind_gradnorm(py::module_& m) {
   m.def(
       "gradnorm_method",
-      [](int64_t t, int64_t d_in, int64_t d_out) {
+      [](int64_t t, int64_t d_in, int64_t d_out, bool bookkeeping) {
         PG_CHECK(t >= 0 && d_in >= 0 && d_out >= 0, "T, d_in and d_out must be >= 0");
-        return pg::choose_gradnorm_method(t, d_in, d_out) == pg::GradNormMethod::ghost ? "ghost" : "direct";
+        const pg::GradNormMethod m =
+            bookkeeping ? pg::choose_gradnorm_method_bk(t, d_in, d_out) : pg::choose_gradnorm_method(t, d_in, d_out);
+        return m == pg::GradNormMethod::ghost ? "ghost" : "direct";
       },
-      py::arg("t"), py::arg("d_in"), py::arg("d_out"),
-      "The form the cost model picks for a linear map with T positions, d_in inputs and d_out outputs.");
+      py::arg("t"), py::arg("d_in"), py::arg("d_out"), py::arg("bookkeeping") = false,
+      "The form the cost model picks for a linear map with T positions, d_in inputs and d_out outputs (bookkeeping: "
+      "when the direct form also yields the weight gradient).");
 
   m.def(
       "gradnorm_linear",
@@ -87,6 +102,60 @@ void pg_bind_gradnorm(py::module_& m) {
       py::arg("bf16") = false,
       "Per-sample ‖G_bᵀ A_b‖_F² of a [B, T, d_in] and g [B, T, d_out] (host, strided, one dtype) into weight_sq [B] "
       "float64, and ‖Σ_t g_t‖² into bias_sq [B] unless None; returns the form used ('ghost' or 'direct').");
+
+  m.def(
+      "gradnorm_linear_bk",
+      [](const py::array& a, const py::array& g, py::array grad_weight, py::array weight_sq, const py::object& bias_sq,
+         bool bf16) {
+        pg::BatchView av = host_batch(a, bf16, "a");
+        pg::BatchView gv = host_batch(g, bf16, "g");
+        double* w = pg_bind::mutable_data<double>(weight_sq, "weight_sq", {av.batch});
+        double* bsq = optional_out(bias_sq, av.batch);
+        void* gw = grad_weight_out(grad_weight, av.dtype, gv.cols, av.cols);
+        py::gil_scoped_release nogil;
+        pg::gradnorm_linear_bk_cpu(av, gv, w, bsq, gw);
+      },
+      py::arg("a"), py::arg("g"), py::arg("grad_weight"), py::arg("weight_sq"), py::arg("bias_sq") = py::none(),
+      py::arg("bf16") = false,
+      "Book-keeping form: per-sample ‖G_bᵀ A_b‖_F² into weight_sq [B] (and ‖Σ_t g_t‖² into bias_sq unless None) and "
+      "Σ_b G_bᵀ A_b into grad_weight [d_out, d_in] (C-contiguous, float32 or float64 for float64 input).");
+
+  m.def(
+      "gradnorm_conv_bk",
+      [](const py::array& x, const py::array& g, const py::tuple& geometry, py::array grad_weight, py::array weight_sq,
+         const py::object& bias_sq, bool bf16) {
+        PG_CHECK(x.ndim() == 4, "x must be 4-D [B, C, H, W], got ", x.ndim(), " dimension(s)");
+        PG_CHECK(geometry.size() == 11,
+                 "geometry is (kh, kw, sh, sw, dh, dw, pad_h, pad_w, out_h, out_w, groups), got ", geometry.size(),
+                 " values");
+        pg::ConvInputView xv;
+        xv.dtype = pg_bind::host_dtype(x, bf16, "x");
+        xv.data = x.data();
+        xv.batch = x.shape(0);
+        xv.channels = x.shape(1);
+        xv.height = x.shape(2);
+        xv.width = x.shape(3);
+        xv.batch_stride = pg_bind::element_stride(x, 0, "x");
+        xv.channel_stride = pg_bind::element_stride(x, 1, "x");
+        xv.row_stride = pg_bind::element_stride(x, 2, "x");
+        xv.col_stride = pg_bind::element_stride(x, 3, "x");
+        int64_t* fields[] = {&xv.kernel_h, &xv.kernel_w, &xv.stride_h, &xv.stride_w, &xv.dilation_h, &xv.dilation_w,
+                             &xv.pad_h,    &xv.pad_w,    &xv.out_h,    &xv.out_w,    &xv.groups};
+        for (size_t i = 0; i < 11; ++i) *fields[i] = geometry[i].cast<int64_t>();
+        pg::BatchView gv = host_batch(g, bf16, "g");
+        PG_CHECK(xv.groups >= 1 && xv.channels % xv.groups == 0, "C_in = ", xv.channels,
+                 " is not divisible by groups = ", xv.groups);
+        double* w = pg_bind::mutable_data<double>(weight_sq, "weight_sq", {xv.batch});
+        double* bsq = optional_out(bias_sq, xv.batch);
+        void* gw = grad_weight_out(grad_weight, xv.dtype, gv.cols, xv.channels / xv.groups * xv.kernel_h * xv.kernel_w);
+        py::gil_scoped_release nogil;
+        pg::gradnorm_conv_bk_cpu(xv, gv, w, bsq, gw);
+      },
+      py::arg("x"), py::arg("g"), py::arg("geometry"), py::arg("grad_weight"), py::arg("weight_sq"),
+      py::arg("bias_sq") = py::none(), py::arg("bf16") = false,
+      "Book-keeping form of a convolution: x [B, C, H, W] (host, strided), g [B, L, C_out], geometry (kh, kw, sh, sw, "
+      "dh, dw, pad_h, pad_w, out_h, out_w, groups); per-sample squared norms into weight_sq (and bias_sq unless None) "
+      "and the weight gradient into grad_weight [C_out, C/groups·kh·kw].");
 
   m.def(
       "gradnorm_linear_cuda",

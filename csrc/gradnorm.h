@@ -52,6 +52,20 @@ inline GradNormMethod choose_gradnorm_method(int64_t t, int64_t d_in, int64_t d_
   return ghost <= direct ? GradNormMethod::ghost : GradNormMethod::direct;
 }
 
+/// The same choice when the direct form runs as book-keeping (gradnorm_*_bk_cpu): the per-sample gradients it builds
+/// also give the layer's weight gradient, which the caller then does not compute, so the direct form's extra cost is
+/// only that of squaring and summing them, ≈ kBookkeepingCost · d_in · d_out per sample in the multiply-add units of
+/// the ghost estimate (measured: 2.3-3.2 for d = 128...512, T = 16...128, float32), against the ghost form's
+/// kGhostWeight · (T²/2 · (d_in + d_out) + T²) on top of the weight gradient. For T = 1 the ghost form (‖a‖²‖g‖²)
+/// always wins; for square maps the switch is at T ≈ √(2.6·d) (T ≈ 18 for d = 128, 52 for d = 1024).
+constexpr double kBookkeepingCost = 3.0;
+inline GradNormMethod choose_gradnorm_method_bk(int64_t t, int64_t d_in, int64_t d_out) {
+  const double tt = static_cast<double>(t) * static_cast<double>(t);
+  const double ghost = kGhostWeight * (tt * 0.5 * static_cast<double>(d_in + d_out) + tt);
+  const double direct = kBookkeepingCost * static_cast<double>(d_in) * static_cast<double>(d_out);
+  return ghost <= direct ? GradNormMethod::ghost : GradNormMethod::direct;
+}
+
 /// Per-sample squared Frobenius norms of G_bᵀ A_b into weight_sq [B] (float64), and, when bias_sq is not null, the
 /// squared norms of Σ_t g_t into bias_sq [B]. a [B, T, d_in] and g [B, T, d_out] share one dtype (any of the four;
 /// products in float32 for the narrow types and float32, float64 for float64; the final sums in float64).
@@ -61,6 +75,37 @@ void gradnorm_linear_cpu(const BatchView& a,  // [B, T, d_in]
                          GradNormMethod method,
                          double* weight_sq,  // [B]
                          double* bias_sq);   // [B] or nullptr
+
+/// A batch-first [B, C, H, W] strided input of a 2-D convolution (a Conv1d input is [B, C, 1, W]) with the geometry of
+/// the convolution. Sample b's "unfolded" input A_b [L = out_h·out_w, C/groups·kh·kw] per group of channels (the
+/// columns ordered channel, kernel row, kernel column, as the weight [C_out, C/groups, kh, kw]) is packed per sample
+/// inside the kernels and never stored for the batch. Zero padding: pad_h rows above and pad_w columns left of the
+/// input; rows and columns past its end read as zeros too (the far padding follows from out_h and out_w).
+struct ConvInputView {
+  const void* data = nullptr;
+  int64_t batch = 0, channels = 0, height = 0, width = 0;
+  int64_t batch_stride = 0, channel_stride = 0, row_stride = 0, col_stride = 1;
+  DType dtype = DType::float32;
+  int64_t kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1, dilation_h = 1, dilation_w = 1;
+  int64_t pad_h = 0, pad_w = 0;
+  int64_t out_h = 0, out_w = 0, groups = 1;
+};
+
+/// Book-keeping form of the direct method: each sample's weight gradient M_b = G_bᵀ A_b is built tile by tile as in
+/// the direct form, squared into weight_sq [B] (float64) AND summed over the batch into grad_weight [d_out, d_in]
+/// (contiguous, the compute type: float32 for float16/bfloat16/float32 input, float64 for float64), which is the
+/// layer's weight gradient Σ_b G_bᵀ A_b, so that the caller need not compute it again. bias_sq as above (or null).
+/// The sum over samples runs in a per-thread accumulator per range of samples, the ranges added in order at the end.
+void gradnorm_linear_bk_cpu(const BatchView& a,  // [B, T, d_in]
+                            const BatchView& g,  // [B, T, d_out]
+                            double* weight_sq,   // [B]
+                            double* bias_sq,     // [B] or nullptr
+                            void* grad_weight);  // [d_out, d_in]
+
+/// Same for a convolution: x its input (with its geometry), g the output gradient [B, L, C_out] (any strides; a
+/// contiguous [B, C_out, L] seen transposed), grad_weight [C_out, C/groups·kh·kw] in the compute type.
+void gradnorm_conv_bk_cpu(const ConvInputView& x, const BatchView& g, double* weight_sq, double* bias_sq,
+                          void* grad_weight);
 
 /// Same on device memory, enqueued on `stream` (a cudaStream_t as an integer); never synchronises.
 void gradnorm_linear_cuda(const BatchView& a,  // [B, T, d_in] device

@@ -354,21 +354,31 @@ def _hook_count(model):
     return sum(len(m._forward_hooks) for m in model.modules())
 
 
-def test_tracker_hooks_removed_on_exit_and_exception():
-    model, x, y = _models()["mlp"]
+def _swapped(model):
+    return sum("forward" in m.__dict__ for m in model.modules())
+
+
+def test_tracker_hooks_and_forwards_removed_on_exit_and_exception():
+    model, x, y = _models()["seq_linear"]  # two Linear (forward swapped) and a LayerNorm (forward hook)
     before = _hook_count(model)
     with GradNormTracker(model):
-        assert _hook_count(model) == before + 3
-    assert _hook_count(model) == before
+        assert _hook_count(model) == before + 1 and _swapped(model) == 2
+    assert _hook_count(model) == before and _swapped(model) == 0
     with pytest.raises(RuntimeError, match="boom"), GradNormTracker(model):
         model(x)
         raise RuntimeError("boom")
-    assert _hook_count(model) == before
+    assert _hook_count(model) == before and _swapped(model) == 0
     # outside the block nothing is recorded
     tr = GradNormTracker(model)
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(RuntimeError, match="no per-sample norms"):
         _ = tr.norms
+    # an instance-level forward the module already had is put back
+    own = model[0].forward
+    model[0].forward = own
+    with GradNormTracker(model):
+        assert model[0].forward is not own
+    assert model[0].__dict__["forward"] is own
 
 
 @pytest.mark.parametrize(

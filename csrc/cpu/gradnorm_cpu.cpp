@@ -160,7 +160,188 @@ void gradnorm_impl(const BatchView& a, const BatchView& g, GradNormMethod method
   });
 }
 
+// ‖Σ_t g_t‖² of sample b of g [B, T, d_out] (float64 sums).
+template <typename Tag>
+double bias_sqnorm(const BatchView& g, int64_t b, std::vector<double>& colsum) {
+  using S = typename Tag::storage;
+  colsum.assign(static_cast<size_t>(g.cols), 0.0);
+  for (int64_t r = 0; r < g.rows; ++r) {
+    const S* row = g.at<S>(b, r);
+    for (int64_t j = 0; j < g.cols; ++j) colsum[j] += static_cast<double>(load(Tag{}, row + j * g.col_stride));
+  }
+  double s = 0;
+  for (double c : colsum) s += c * c;
+  return s;
+}
+
+// Columns [c0, c0 + n) of a sample block [rows, cols] (a group of output channels).
+template <typename C>
+BlasBlock<C> block_columns(const BlasBlock<C>& p, int64_t c0) {
+  return {p.trans ? p.ptr + c0 * p.ld : p.ptr + c0, p.ld, p.trans};
+}
+
+// One sample block of the book-keeping form: M = Gᵀ A [d_out, d_in] by tiles of `tile` rows into `m`; returns Σ M²
+// (float64) and adds M into acc [d_out, d_in] (leading dimension ld_acc).
+template <typename C>
+double direct_block_accumulate(const BlasBlock<C>& pa, const BlasBlock<C>& pg, int t, int d_in, int64_t d_out,
+                               int64_t tile, std::vector<C>& m, C* acc, int64_t ld_acc) {
+  m.resize(static_cast<size_t>(tile * d_in));
+  double s = 0;
+  for (int64_t r0 = 0; r0 < d_out; r0 += tile) {
+    const int64_t nr = std::min(tile, d_out - r0);
+    const C* gp = pg.trans ? pg.ptr + r0 * pg.ld : pg.ptr + r0;
+    gemm<C>(!pg.trans, pa.trans, static_cast<int>(nr), d_in, t, C(1), gp, pg.ld, pa.ptr, pa.ld, C(0), m.data(), d_in);
+    for (int64_t r = 0; r < nr; ++r) {
+      const C* src = m.data() + r * d_in;
+      C* dst = acc + (r0 + r) * ld_acc;
+      // a row's squares in kLanes partial sums of the compute type (so the loop vectorises), rows summed in float64
+      constexpr int64_t kLanes = 16;
+      C part[kLanes] = {};
+      int64_t c = 0;
+      for (; c + kLanes <= d_in; c += kLanes) {
+        for (int64_t k = 0; k < kLanes; ++k) {
+          part[k] += src[c + k] * src[c + k];
+          dst[c + k] += src[c + k];
+        }
+      }
+      double row = 0;
+      for (; c < d_in; ++c) {
+        row += static_cast<double>(src[c]) * static_cast<double>(src[c]);
+        dst[c] += src[c];
+      }
+      for (int64_t k = 0; k < kLanes; ++k) row += static_cast<double>(part[k]);
+      s += row;
+    }
+  }
+  return s;
+}
+
+// Driver of the book-keeping form over samples: for sample b and channel group k, a_block(b, k, buf) gives A [T,
+// d_in]; G is g's sample b, columns k·d_out .. (k+1)·d_out. grad_weight [groups·d_out, d_in] is the sum over samples.
+template <typename Tag, typename ABlock>
+void bookkeeping_impl(const BatchView& g, int64_t groups, int64_t t, int64_t d_in, int64_t d_out, double* weight_sq,
+                      double* bias_sq, typename Tag::compute* grad_weight, ABlock&& a_block) {
+  using C = typename Tag::compute;
+  const int64_t nb = g.batch;
+  const size_t nw = static_cast<size_t>(groups * d_out * d_in);
+  std::fill(grad_weight, grad_weight + nw, C(0));
+  if (nb == 0) return;
+  const int ti = blas_int(t, "T"), dii = blas_int(d_in, "d_in");
+  blas_int(d_out, "d_out");
+  const double work = static_cast<double>(groups) * static_cast<double>(std::max<int64_t>(t, 1)) *
+                      static_cast<double>(d_in) * static_cast<double>(d_out);
+  const int64_t min_per_thread = std::max<int64_t>(1, static_cast<int64_t>(double(1 << 18) / std::max(work, 1.0)));
+  const int ranges = parallel_ranges(nb, min_per_thread);
+  SingleThreadedBlas single(ranges > 1);
+  const int64_t tile = direct_tile_rows(d_out, d_in);
+  // range 0 accumulates into grad_weight itself, the others into their own buffers, added in order at the end
+  std::vector<std::vector<C>> partial(static_cast<size_t>(std::max(ranges - 1, 0)));
+  parallel_for(nb, min_per_thread, [&](int r, int64_t b0, int64_t b1) {
+    C* acc = grad_weight;
+    if (r > 0) {
+      partial[r - 1].assign(nw, C(0));
+      acc = partial[r - 1].data();
+    }
+    std::vector<C> abuf, gbuf, m;
+    std::vector<double> colsum;
+    for (int64_t b = b0; b < b1; ++b) {
+      if (bias_sq != nullptr) bias_sq[b] = bias_sqnorm<Tag>(g, b, colsum);
+      if (t == 0 || d_in == 0 || d_out == 0) {
+        weight_sq[b] = 0;
+        continue;
+      }
+      const BlasBlock<C> pg = sample_for_blas<Tag>(g, b, gbuf);
+      double s = 0;
+      for (int64_t k = 0; k < groups; ++k) {
+        const BlasBlock<C> pa = a_block(b, k, abuf);
+        s += direct_block_accumulate<C>(pa, block_columns(pg, k * d_out), ti, dii, d_out, tile, m,
+                                        acc + k * d_out * d_in, d_in);
+      }
+      weight_sq[b] = s;
+    }
+  });
+  for (const auto& p : partial) {
+    for (size_t i = 0; i < nw; ++i) grad_weight[i] += p[i];
+  }
+}
+
+// Sample b's unfolded input for channel group k, packed row-major [C/groups·kh·kw, L] into buf (zero padding).
+template <typename Tag>
+BlasBlock<typename Tag::compute> unfold_sample(const ConvInputView& x, int64_t b, int64_t k,
+                                               std::vector<typename Tag::compute>& buf) {
+  using S = typename Tag::storage;
+  using C = typename Tag::compute;
+  const int64_t cg = x.channels / x.groups, kh = x.kernel_h, kw = x.kernel_w;
+  const int64_t oh = x.out_h, ow = x.out_w, l = oh * ow;
+  buf.resize(static_cast<size_t>(cg * kh * kw * l));
+  const S* base = static_cast<const S*>(x.data) + b * x.batch_stride + k * cg * x.channel_stride;
+  for (int64_t c = 0; c < cg; ++c) {
+    const S* plane = base + c * x.channel_stride;
+    for (int64_t i = 0; i < kh; ++i) {
+      for (int64_t j = 0; j < kw; ++j) {
+        C* row = buf.data() + ((c * kh + i) * kw + j) * l;
+        // output columns whose input column wo·sw + j·dw − pw lies inside [0, width)
+        const int64_t off = j * x.dilation_w - x.pad_w;
+        int64_t lo = off >= 0 ? 0 : (-off + x.stride_w - 1) / x.stride_w;
+        int64_t hi = x.width - off <= 0 ? 0 : (x.width - off + x.stride_w - 1) / x.stride_w;
+        lo = std::min(lo, ow);
+        hi = std::clamp(hi, lo, ow);
+        for (int64_t ho = 0; ho < oh; ++ho) {
+          C* dst = row + ho * ow;
+          const int64_t ih = ho * x.stride_h + i * x.dilation_h - x.pad_h;
+          if (ih < 0 || ih >= x.height) {
+            std::fill(dst, dst + ow, C(0));
+            continue;
+          }
+          const S* src = plane + ih * x.row_stride + off * x.col_stride;
+          std::fill(dst, dst + lo, C(0));
+          const int64_t step = x.stride_w * x.col_stride;
+          for (int64_t wo = lo; wo < hi; ++wo) dst[wo] = load(Tag{}, src + wo * step);
+          std::fill(dst + hi, dst + ow, C(0));
+        }
+      }
+    }
+  }
+  return {buf.data(), static_cast<int>(std::max<int64_t>(l, 1)), true};
+}
+
 }  // namespace
+
+void gradnorm_linear_bk_cpu(const BatchView& a, const BatchView& g, double* weight_sq, double* bias_sq,
+                            void* grad_weight) {
+  PG_CHECK(a.batch == g.batch && a.rows == g.rows, "a [B, T, d_in] and g [B, T, d_out] must agree in B and T, got a [",
+           a.batch, ", ", a.rows, ", ", a.cols, "] and g [", g.batch, ", ", g.rows, ", ", g.cols, "]");
+  PG_CHECK_TYPE(a.dtype == g.dtype, "a and g must have the same dtype, got ", dtype_name(a.dtype), " and ",
+                dtype_name(g.dtype));
+  dispatch_dtype(a.dtype, [&](auto tag) {
+    using Tag = decltype(tag);
+    using C = typename Tag::compute;
+    bookkeeping_impl<Tag>(g, 1, a.rows, a.cols, g.cols, weight_sq, bias_sq, static_cast<C*>(grad_weight),
+                          [&](int64_t b, int64_t, std::vector<C>& buf) { return sample_for_blas<Tag>(a, b, buf); });
+  });
+}
+
+void gradnorm_conv_bk_cpu(const ConvInputView& x, const BatchView& g, double* weight_sq, double* bias_sq,
+                          void* grad_weight) {
+  PG_CHECK(x.groups >= 1 && x.channels % x.groups == 0 && g.cols % x.groups == 0,
+           "channels must be divisible by groups, got C_in = ", x.channels, ", C_out = ", g.cols,
+           ", groups = ", x.groups);
+  PG_CHECK(x.kernel_h >= 1 && x.kernel_w >= 1 && x.stride_h >= 1 && x.stride_w >= 1 && x.dilation_h >= 1 &&
+               x.dilation_w >= 1 && x.pad_h >= 0 && x.pad_w >= 0 && x.out_h >= 0 && x.out_w >= 0,
+           "invalid convolution geometry");
+  PG_CHECK(x.batch == g.batch && x.out_h * x.out_w == g.rows, "x has batch ", x.batch, " and ", x.out_h * x.out_w,
+           " output positions but g is [", g.batch, ", ", g.rows, ", ", g.cols, "]");
+  PG_CHECK_TYPE(x.dtype == g.dtype, "x and g must have the same dtype, got ", dtype_name(x.dtype), " and ",
+                dtype_name(g.dtype));
+  const int64_t d_in = x.channels / x.groups * x.kernel_h * x.kernel_w;
+  dispatch_dtype(x.dtype, [&](auto tag) {
+    using Tag = decltype(tag);
+    using C = typename Tag::compute;
+    bookkeeping_impl<Tag>(g, x.groups, g.rows, d_in, g.cols / x.groups, weight_sq, bias_sq,
+                          static_cast<C*>(grad_weight),
+                          [&](int64_t b, int64_t k, std::vector<C>& buf) { return unfold_sample<Tag>(x, b, k, buf); });
+  });
+}
 
 void gradnorm_linear_cpu(const BatchView& a, const BatchView& g, GradNormMethod method, double* weight_sq,
                          double* bias_sq) {

@@ -29,10 +29,15 @@ from .covariance import _as_int
 METHODS = ("auto", "ghost", "direct")
 
 
-def gradnorm_method(t: int, d_in: int, d_out: int) -> str:
-    """``"ghost"`` or ``"direct"``: the form ``method="auto"`` uses for ``T`` positions and a ``d_in → d_out`` map."""
+def gradnorm_method(t: int, d_in: int, d_out: int, *, bookkeeping: bool = False) -> str:
+    """``"ghost"`` or ``"direct"``: the form ``method="auto"`` uses for ``T`` positions and a ``d_in → d_out`` map.
+
+    With ``bookkeeping`` the direct form is costed as :func:`linear_grad_bookkeeping` runs it inside
+    ``GradNormTracker``: its per-sample gradients also give the weight gradient, so only their squares and sum are
+    extra (``≈ 3·d_in·d_out``, against the ghost form's ``1.15·(T²·(d_in + d_out)/2 + T²)``).
+    """
     vals = [_as_int(v, name, 0) for name, v in (("t", t), ("d_in", d_in), ("d_out", d_out))]
-    return str(_core.gradnorm_method(*vals))
+    return str(_core.gradnorm_method(*vals, bool(bookkeeping)))
 
 
 def _as_3d(x: Any, name: str) -> Any:
@@ -118,4 +123,119 @@ def linear_grad_sqnorms(a: Any, g: Any, *, method: str = "auto", bias: bool = Fa
     return weight, bias_out, str(used)
 
 
-__all__ = ["METHODS", "gradnorm_method", "linear_grad_sqnorms"]
+def _host_pair(x: Any, g: Any, xname: str) -> tuple[Any, Any, bool, bool]:
+    """``(x_host, g_host, bf16, torch_out)`` for the host-only book-keeping kernels."""
+    for name, v in ((xname, x), ("g", g)):
+        if not (isinstance(v, np.ndarray) or is_torch_tensor(v)):
+            raise TypeError(f"{name} must be a numpy array or a torch tensor, got {describe(v)}")
+    if is_torch_tensor(x) != is_torch_tensor(g):
+        raise TypeError(
+            f"{xname} and g must both be numpy arrays or both torch tensors, got {describe(x)} and {describe(g)}"
+        )
+    if x.dtype != g.dtype:
+        raise TypeError(f"{xname} and g must have the same dtype, got {x.dtype} and {g.dtype}; cast one explicitly")
+    xh, bf16 = host_array(x, xname)
+    gh, _ = host_array(g, "g")
+    return xh, gh, bf16, is_torch_tensor(x)
+
+
+def _bk_outputs(n: int, d_out: int, d_in: int, dtype: Any, torch_out: bool, bias: bool) -> tuple[Any, Any, Any]:
+    wide = dtype in (np.float64,) or str(dtype) in ("float64", "torch.float64")
+    if torch_out:
+        import torch
+
+        grad = torch.empty(d_out, d_in, dtype=torch.float64 if wide else torch.float32)
+        weight = torch.empty(n, dtype=torch.float64)
+        return weight, (torch.empty(n, dtype=torch.float64) if bias else None), grad
+    grad = np.empty((d_out, d_in), dtype=np.float64 if wide else np.float32)
+    return np.empty(n, dtype=np.float64), (np.empty(n, dtype=np.float64) if bias else None), grad
+
+
+def _np(x: Any) -> Any:
+    return x if x is None or isinstance(x, np.ndarray) else x.numpy()
+
+
+def linear_grad_bookkeeping(a: Any, g: Any, *, bias: bool = False) -> tuple[Any, Any, Any]:
+    """Book-keeping form of the direct method (host only): per-sample squared gradient norms of a linear map AND its
+    weight gradient, from one pass over the per-sample gradients ``M_b = g_bᵀ a_b`` (built a tile at a time, never
+    stored for the batch).
+
+    ``a [B, T, d_in]`` / ``[B, d_in]`` and ``g [B, T, d_out]`` / ``[B, d_out]`` as in :func:`linear_grad_sqnorms`
+    (numpy or torch CPU, one dtype). Returns ``(weight_sq [B], bias_sq [B] or None, grad_weight [d_out, d_in])``:
+    float64 norms, and ``grad_weight = Σ_b M_b`` in float32 (float64 for float64 input) — what autograd computes as the
+    weight gradient of ``y = a Wᵀ`` for the output gradient ``g``.
+    """
+    a3, g3 = _as_3d(a, "a"), _as_3d(g, "g")
+    if a3.shape[0] != g3.shape[0] or a3.shape[1] != g3.shape[1]:
+        raise ValueError(
+            f"a [B, T, d_in] and g [B, T, d_out] must agree in B and T, got a {tuple(a.shape)} and g {tuple(g.shape)}"
+        )
+    ah, gh, bf16, torch_out = _host_pair(a3, g3, "a")
+    weight, bias_out, grad = _bk_outputs(a3.shape[0], g3.shape[2], a3.shape[2], a3.dtype, torch_out, bias)
+    _core.gradnorm_linear_bk(ah, gh, _np(grad), _np(weight), _np(bias_out), bf16)
+    return weight, bias_out, grad
+
+
+def _pair(v: Any, n: int, name: str) -> tuple[int, ...]:
+    vals = tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+    if len(vals) != n:
+        raise ValueError(f"{name} must be an int or {n} ints, got {v!r}")
+    return tuple(_as_int(u, name, 0) for u in vals)
+
+
+def conv_grad_bookkeeping(
+    x: Any,
+    g: Any,
+    *,
+    kernel_size: Any,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+    bias: bool = False,
+) -> tuple[Any, Any, Any]:
+    """Book-keeping form for a 1-D or 2-D convolution (host only): per-sample squared norms of the weight gradient (and
+    of the bias gradient when ``bias``) and the weight gradient itself, without unfolding the batch's input (each
+    sample's patches are packed inside the kernel).
+
+    ``x [B, C_in, W]`` or ``[B, C_in, H, W]`` — the convolution's input before its zero padding ``padding`` (per
+    spatial dimension, both sides, as ``F.conv2d``); ``g [B, C_out, *out]`` — the gradient of the output (its
+    spatial shape must be the convolution's output shape), same dtype. Returns ``(weight_sq [B], bias_sq [B] or
+    None, grad_weight [C_out, C_in/groups, *kernel])`` (float32, float64 for float64 input).
+    """
+    nd = x.ndim - 2
+    if nd not in (1, 2) or g.ndim != x.ndim:
+        raise ValueError(
+            f"x must be [B, C, W] or [B, C, H, W] and g [B, C_out, *out] alike, got {tuple(x.shape)} and "
+            f"{tuple(g.shape)}"
+        )
+    k, s, p, d = (
+        _pair(v, nd, n)
+        for v, n in ((kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation"))
+    )
+    groups = _as_int(groups, "groups", 1)
+    if x.shape[0] != g.shape[0]:
+        raise ValueError(f"x and g must agree in the batch size, got {x.shape[0]} and {g.shape[0]}")
+    if min(k) < 1 or min(s) < 1 or min(d) < 1:
+        raise ValueError(f"kernel_size, stride and dilation must be >= 1, got {k}, {s} and {d}")
+    out = tuple((x.shape[2 + i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(nd))
+    if tuple(g.shape[2:]) != out:
+        raise ValueError(f"g has output positions {tuple(g.shape[2:])} but the convolution gives {out}")
+    if nd == 1:
+        x, g = x[:, :, None, :], g[:, :, None, :]
+        k, s, p, d = (1, *k), (1, *s), (0, *p), (1, *d)
+    b, c_out = g.shape[0], g.shape[1]
+    out_h, out_w = g.shape[2], g.shape[3]
+    g3 = g.reshape(b, c_out, out_h * out_w)
+    g3 = g3.transpose(1, 2) if is_torch_tensor(g3) else g3.transpose(0, 2, 1)
+    xh, gh, bf16, torch_out = _host_pair(x, g3, "x")
+    c_in = x.shape[1]
+    if c_in % groups or c_out % groups:
+        raise ValueError(f"C_in = {c_in} and C_out = {c_out} must be divisible by groups = {groups}")
+    weight, bias_out, grad = _bk_outputs(b, c_out, c_in // groups * k[0] * k[1], x.dtype, torch_out, bias)
+    geometry = (k[0], k[1], s[0], s[1], d[0], d[1], p[0], p[1], out_h, out_w, groups)
+    _core.gradnorm_conv_bk(xh, gh, geometry, _np(grad), _np(weight), _np(bias_out), bf16)
+    return weight, bias_out, grad.reshape(c_out, c_in // groups, *k[2 - nd :])
+
+
+__all__ = ["METHODS", "conv_grad_bookkeeping", "gradnorm_method", "linear_grad_bookkeeping", "linear_grad_sqnorms"]

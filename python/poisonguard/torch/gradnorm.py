@@ -1,25 +1,41 @@
 """Per-sample gradient norms from one ordinary backward: :class:`GradNormTracker`.
 
-Forward hooks keep a reference to each tracked layer's input (no copy: autograd keeps the same tensor for the
-weight gradient anyway); a hook on the layer's output tensor receives the output gradient during the backward and
-computes that layer's per-sample squared norms at once, then drops the input, so nothing outlives the backward and no
-per-sample gradient is ever formed.
+Each tracked layer keeps a reference to its input (no copy: autograd keeps the same tensor for the weight gradient
+anyway); during the backward the layer's output gradient arrives (in a hook on the output tensor, or in the backward
+of the book-keeping function below) and that layer's per-sample squared norms are computed at once, then the input is
+dropped, so nothing outlives the backward and the per-sample gradients of the batch are never stored.
 
-Per layer kind:
+Linear and Conv layers are handled by their forward, swapped (an instance attribute) while the tracker is entered
+and put back on exit; per call the cost model (:func:`poisonguard.ops.gradnorm_method` with ``bookkeeping=True``)
+picks one of two forms, see ``tracker.methods``:
 
-* ``Linear`` — inputs ``[B, ..., d_in]`` seen as ``[B, T, d_in]``: :func:`poisonguard.ops.linear_grad_sqnorms`
-  (ghost or direct form, chosen per layer by the cost model; see ``tracker.methods``);
-* ``Conv1d`` / ``Conv2d`` — the same kernel on the unfolded input (``F.unfold``: ``[B, L, C_in/groups·k]`` per group
-  of channels; stride, padding, padding mode, dilation and groups honoured);
+* ``"direct"`` as book-keeping (CPU, float32/float64, weight trainable, no autocast): the layer runs as an
+  ``autograd.Function`` whose forward is ``F.linear`` / ``F.conv*d`` and whose backward builds each sample's weight
+  gradient ``G_bᵀ A_b`` a tile at a time (:func:`poisonguard.ops.linear_grad_bookkeeping`,
+  :func:`poisonguard.ops.conv_grad_bookkeeping`: a convolution's patches are packed per sample, never unfolded for
+  the batch), squares it for the norm AND sums it into the weight gradient returned to autograd, which therefore does
+  not compute that gradient itself; the input and bias gradients are torch's. ``.grad``, parameter hooks and
+  gradient accumulation work as in a plain step (equal up to float rounding). A backward run after the block still
+  gets plain gradients (and records nothing). Cheaper than ghost wherever a sample has many positions (``T > 1``:
+  sequence Linear, convolutions);
+* ``"ghost"`` (or the kernels' direct form where book-keeping cannot run): the plain forward, and a hook on the output
+  gradient computes the norms with :func:`poisonguard.ops.linear_grad_sqnorms` — ``Linear`` inputs
+  ``[B, ..., d_in]`` seen as ``[B, T, d_in]``; ``Conv1d`` / ``Conv2d`` on the unfolded input (``[B, L,
+  C_in/groups·k]`` per group of channels; stride, padding, padding mode, dilation and groups honoured). Cheapest for
+  ``T = 1`` (``‖a‖²‖g‖²``).
+
+Other layers:
+
 * ``Embedding`` — the gradient rows of one sample are summed per token id before squaring, so repeated tokens are
   exact (``padding_idx`` rows get no gradient, as in torch);
 * ``LayerNorm`` / ``GroupNorm`` — per-sample affine gradients ``Σ_positions g·x̂`` and ``Σ g``, ``x̂`` recomputed from
   the captured input;
 * ``MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer`` etc.) — while the tracker is entered its forward
-  is replaced by the same computation written with three ``F.linear`` input projections (hooked like Linear layers;
-  they are the row blocks of ``in_proj_weight``) and ``out_proj`` called as a module; the original forward is put
-  back on exit. Batch-first or sequence-first, kdim/vdim, masks and attention weights are supported;
-  ``add_bias_kv`` / ``add_zero_attn`` are not. The outputs match torch's to float rounding (~1e-7), not bitwise.
+  is replaced by the same computation written with three ``F.linear`` input projections (tracked like Linear layers,
+  book-keeping included; they are the row blocks of ``in_proj_weight``) and ``out_proj`` called as a module; the
+  original forward is put back on exit. Batch-first or sequence-first, kdim/vdim, masks and attention weights are
+  supported; ``add_bias_kv`` / ``add_zero_attn`` are not. The outputs match torch's to float rounding (~1e-7), not
+  bitwise.
 
 Anything else that owns trainable parameters raises ``ValueError`` naming it when the tracker is created (BatchNorm
 mixes samples through its batch statistics, so its "per-sample gradient" is not defined). Frozen parameters
@@ -35,8 +51,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-from ..ops.gradnorm import METHODS, linear_grad_sqnorms
+from ..ops.gradnorm import (
+    METHODS,
+    conv_grad_bookkeeping,
+    gradnorm_method,
+    linear_grad_bookkeeping,
+    linear_grad_sqnorms,
+)
 
 _REDUCTIONS = ("mean", "sum")
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention)
@@ -78,13 +101,14 @@ class GradNormTracker:
     loss_reduction : ``"mean"`` (default) when the loss is the mean of ``B`` per-sample losses: the captured output
         gradients are then ``1/B`` of the per-sample ones and the norms are multiplied by ``B``; ``"sum"`` when the loss
         is their sum (norms as captured).
-    method : ``"auto"`` (default; per layer by the cost model), ``"ghost"`` or ``"direct"`` for the linear maps.
+    method : ``"auto"`` (default; per layer by the cost model), ``"ghost"`` or ``"direct"`` (book-keeping where it can
+        run) for the linear maps.
 
     After the backward (inside the ``with`` block or after it): ``norms`` — float64 tensor ``[B]`` on the model's
     device; ``layer_norms`` — module name → ``[B]``; ``methods`` — module name → ``"ghost"`` / ``"direct"`` for the
     linear maps (Linear, Conv), ``"exact"`` for the others. A new forward after a backward starts a new step (the
-    previous norms are cleared). The backward must run while the tracker is entered; the hooks are removed on exit,
-    also when the block raises.
+    previous norms are cleared). The backward must run while the tracker is entered; the hooks are removed and the
+    swapped forwards restored on exit, also when the block raises.
 
     Example::
 
@@ -165,20 +189,37 @@ class GradNormTracker:
         if self._active:
             raise RuntimeError("this GradNormTracker is already entered")
         self.reset()
-        for name, module in self._layers:
-            self._handles.append(module.register_forward_hook(self._make_forward_hook(name)))
-        for name, module in self._attention:
-            module.forward = types.MethodType(_make_attention_forward(self, name), module)
+        self._swapped: list[tuple[nn.Module, Any]] = []
+        try:
+            for name, module in self._layers:
+                if isinstance(module, _LINEAR_MAPS):
+                    self._swap_forward(module, _make_map_forward(self, name))
+                else:
+                    self._handles.append(module.register_forward_hook(self._make_forward_hook(name)))
+            for name, module in self._attention:
+                self._swap_forward(module, _make_attention_forward(self, name))
+        except BaseException:
+            self.__exit__()
+            raise
         self._active = True
         return self
+
+    def _swap_forward(self, module: nn.Module, forward: Any) -> None:
+        """Sets an instance-level forward, remembering the one the instance had (normally none: the class's)."""
+        self._swapped.append((module, module.__dict__.get("forward", _NO_FORWARD)))
+        module.forward = types.MethodType(forward, module)
 
     def __exit__(self, *exc: Any) -> None:
         self._active = False
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for _, module in self._attention:
-            module.__dict__.pop("forward", None)
+        for module, previous in reversed(getattr(self, "_swapped", [])):
+            if previous is _NO_FORWARD:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self._swapped = []
         self._pending.clear()
 
     def reset(self) -> None:
@@ -261,13 +302,6 @@ class GradNormTracker:
         self._sq[name] = sq if prev is None else prev + sq
 
     def _layer_sq(self, name: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        if isinstance(module, nn.Linear):
-            b = x.shape[0]
-            a3 = x.reshape(b, -1, x.shape[-1])
-            g3 = g.reshape(b, -1, g.shape[-1])
-            return self._linear(name, a3, g3, _trainable(module.weight), _trainable(module.bias))
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-            return self._conv(name, module, x, g)
         self.methods[name] = "exact"
         if isinstance(module, nn.Embedding):
             return _embedding_sq(module, x, g)
@@ -285,6 +319,73 @@ class GradNormTracker:
         self.methods[name] = "exact"
         return g3.sum(dim=1, dtype=torch.float64).pow(2).sum(dim=1)
 
+    # -- Linear and Conv: the book-keeping form or an output-gradient hook ---------------------------------------------
+    def _form(self, t: int, d_in: int, d_out: int, bookkeeping: bool) -> str:
+        if self.method != "auto":
+            return self.method
+        return gradnorm_method(t, d_in, d_out, bookkeeping=bookkeeping)
+
+    def _linear_apply(
+        self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wt: bool, bt: bool
+    ) -> torch.Tensor:
+        """``F.linear(x, weight, bias)`` for a tracked call (the caller has run ``_begin_call``): through
+        :class:`_LinearBookkeeping` when the direct form is chosen and can run as book-keeping, else plainly with a hook
+        on the output gradient."""
+        b = x.shape[0]
+        d_in, d_out = weight.shape[1], weight.shape[0]
+        t = x.numel() // max(b * d_in, 1)
+        bk = wt and _bookkeeping_ok(x, weight)
+        if bk and self._form(t, d_in, d_out, True) == "direct":
+            return _LinearBookkeeping.apply(x, weight, bias, self, name)
+        y = F.linear(x, weight, bias)
+        if y.requires_grad:
+            xd = x.detach()
+
+            def on_grad(g: torch.Tensor) -> None:
+                if self._active:
+                    a3, g3 = xd.reshape(b, -1, d_in), g.detach().reshape(b, -1, d_out)
+                    self._add(name, self._linear(name, a3, g3, wt, bt))
+
+            y.register_hook(on_grad)
+        return y
+
+    def _conv_apply(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The forward of a tracked Conv1d/Conv2d call (the caller has run ``_begin_call``), as ``_linear_apply``."""
+        weight, bias = module.weight, module.bias
+        nd = weight.dim() - 2
+        if _trainable(weight) and x.dim() == nd + 2 and _bookkeeping_ok(x, weight):
+            rp = module._reversed_padding_repeated_twice  # (left, right) per dimension, last dimension first
+            lo, hi = rp[0::2][::-1], rp[1::2][::-1]
+            positions, d_in = 1, weight.shape[1]
+            for i in range(nd):
+                k = weight.shape[2 + i]
+                span = x.shape[2 + i] + lo[i] + hi[i] - module.dilation[i] * (k - 1) - 1
+                positions *= max(span // module.stride[i] + 1, 0)
+                d_in *= k
+            if self._form(positions, d_in, weight.shape[0] // module.groups, True) == "direct":
+                if module.padding_mode != "zeros" or list(lo) != list(hi):
+                    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+                    x = F.pad(x, rp, mode=mode)
+                    padding = (0,) * nd
+                else:
+                    padding = tuple(lo)
+                geometry = (tuple(module.stride), padding, tuple(module.dilation), module.groups)
+                return _ConvBookkeeping.apply(x, weight, bias, geometry, self, name)
+        y = type(module).forward(module, x)
+        if y.requires_grad:
+            xd = x.detach()
+
+            def on_grad(g: torch.Tensor) -> None:
+                if self._active:
+                    self._add(name, self._conv(name, module, xd, g.detach()))
+
+            y.register_hook(on_grad)
+        return y
+
+    def _record(self, name: str, sq: torch.Tensor) -> None:
+        self.methods[name] = "direct"
+        self._add(name, sq)
+
     def _conv(self, name: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         weight, bias = _trainable(module.weight), _trainable(module.bias)
         total = None
@@ -292,6 +393,116 @@ class GradNormTracker:
             part = self._linear(name, a3, g3, weight, bias)
             total = part if total is None else total + part
         return total
+
+
+_LINEAR_MAPS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_NO_FORWARD = object()
+_BOOKKEEPING_DTYPES = (torch.float32, torch.float64)
+
+
+def _bookkeeping_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the book-keeping form can run: CPU tensors of one float32/float64 dtype, no autocast (under autocast the
+    output gradient's dtype differs from the saved input's)."""
+    return (
+        x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.dtype == weight.dtype
+        and x.dtype in _BOOKKEEPING_DTYPES
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def _make_map_forward(tracker: GradNormTracker, name: str):
+    """A forward for one Linear/Conv1d/Conv2d, used while the tracker is entered: untracked calls (tracker not
+    recording, grad disabled) run the class's forward; tracked ones go through ``_linear_apply`` / ``_conv_apply``."""
+
+    def forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not (tracker._active and torch.is_grad_enabled()):
+            return type(mod).forward(mod, x)
+        tracker._begin_call(name, x)
+        tracker._pending[name] = True
+        if isinstance(mod, nn.Linear):
+            return tracker._linear_apply(name, x, mod.weight, mod.bias, _trainable(mod.weight), _trainable(mod.bias))
+        return tracker._conv_apply(name, mod, x)
+
+    return forward
+
+
+class _LinearBookkeeping(torch.autograd.Function):
+    """``F.linear`` whose backward computes the weight gradient as the sum of the per-sample gradients it squares for
+    the tracker (:func:`poisonguard.ops.linear_grad_bookkeeping`), instead of autograd's own weight-gradient GEMM. The
+    input and bias gradients are torch's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, tracker, name):
+        ctx.save_for_backward(x, weight)
+        ctx.tracker, ctx.name = tracker, name
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        b, d_in, d_out = x.shape[0], weight.shape[1], weight.shape[0]
+        gx = g.matmul(weight) if need_x else None
+        a3, g3 = x.reshape(b, -1, d_in), g.reshape(b, -1, d_out)
+        tracker = ctx.tracker
+        gw = gb = None
+        if tracker._active:
+            wsq, bsq, gw = linear_grad_bookkeeping(a3, g3, bias=need_b)
+            tracker._record(ctx.name, wsq + bsq if need_b else wsq)
+        elif need_w:  # a backward outside the tracker's block: the plain weight gradient
+            gw = g3.reshape(-1, d_out).t().mm(a3.reshape(-1, d_in))
+        if need_b:
+            gb = g3.sum(dim=(0, 1))
+        return gx, (gw.to(weight.dtype) if need_w else None), gb, None, None
+
+
+class _ConvBookkeeping(torch.autograd.Function):
+    """``F.conv1d`` / ``F.conv2d`` (zero padding) with the weight gradient from
+    :func:`poisonguard.ops.conv_grad_bookkeeping`; the input gradient is torch's (``convolution_backward`` asked for
+    the input only)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, geometry, tracker, name):
+        stride, padding, dilation, groups = geometry
+        ctx.save_for_backward(x, weight)
+        ctx.geometry, ctx.tracker, ctx.name = geometry, tracker, name
+        conv = F.conv1d if weight.dim() == 3 else F.conv2d
+        return conv(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        tracker = ctx.tracker
+        record = tracker._active and need_w
+        mask = (need_x, need_w and not record, False)
+        gx = gw = gb = None
+        if mask[0] or mask[1]:
+            zeros = [0] * len(stride)
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                g, x, weight, None, stride, padding, dilation, False, zeros, groups, mask
+            )
+        if record:
+            wsq, bsq, gw = conv_grad_bookkeeping(
+                x,
+                g,
+                kernel_size=tuple(weight.shape[2:]),
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                bias=need_b,
+            )
+            tracker._record(ctx.name, wsq + bsq if need_b else wsq)
+            gw = gw.to(weight.dtype)
+        if need_b:
+            gb = g.sum(dim=[0, *range(2, g.dim())])
+        return gx, gw, gb, None, None, None
 
 
 def _make_attention_forward(tracker: GradNormTracker, name: str):
@@ -334,16 +545,10 @@ def _make_attention_forward(tracker: GradNormTracker, name: str):
         btrain = _trainable(mod.in_proj_bias)
         projected = []
         for x, w, bias, wt in zip((query, key, value), (wq, wk, wv), (bq, bk, bv), wtrain):
-            y = F.linear(x, w, bias)
-            if track and y.requires_grad and (wt or btrain):
-                xd = x.detach()
-
-                def on_grad(g: torch.Tensor, xd: torch.Tensor = xd, wt: bool = wt) -> None:
-                    if tracker._active:
-                        tracker._add(name, tracker._linear(name, xd, g.detach(), wt, btrain))
-
-                y.register_hook(on_grad)
-            projected.append(y)
+            if track and (wt or btrain):
+                projected.append(tracker._linear_apply(name, x, w, bias, wt, btrain))
+            else:
+                projected.append(F.linear(x, w, bias))
         q, k, v = projected
         q = q.reshape(b, tq, h, hd).transpose(1, 2)
         k = k.reshape(b, ts, h, hd).transpose(1, 2)
@@ -436,7 +641,7 @@ def _affine_sq(xhat: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool) ->
     over positions in the input's dtype, as autograd's own reduction)."""
     out = torch.zeros(xhat.shape[0], dtype=torch.float64, device=xhat.device)
     if weight:
-        out += _row_sq(torch.einsum("bpn,bpn->bn", g, xhat))
+        out += _row_sq((g * xhat).sum(dim=1))  # (einsum would copy both operands into a batched matmul)
     if bias:
         out += _row_sq(g.sum(dim=1))
     return out

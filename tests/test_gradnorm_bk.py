@@ -1,0 +1,287 @@
+"""The book-keeping kernels (per-sample squared norms AND the summed weight gradient) against float64 references, and
+GradNormTracker's parameter gradients (which the book-keeping form computes itself) against a plain step's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import ALL_INPUTS, INPUT_IDS, make_input, to_float64
+from poisonguard._reference import _linear_grad_sqnorms
+from poisonguard.ops import gradnorm_method
+from poisonguard.ops.gradnorm import conv_grad_bookkeeping, linear_grad_bookkeeping
+
+torch = pytest.importorskip("torch")
+from poisonguard.torch import GradNormTracker  # noqa: E402
+from poisonguard.torch import gradnorm as tracker_module  # noqa: E402
+from test_gradnorm import TorchEncoder, _vmap_norms  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+# relative to the largest entry: sums of B·T products rounded in the input's (compute) dtype
+GTOL = {"float64": 1e-12, "float32": 2e-5, "float16": 2e-5, "bfloat16": 2e-5}
+
+
+def _rel(got, want) -> float:
+    got, want = to_float64(got), to_float64(want)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-300)) if want.size else 0.0
+
+
+def _max_rel(got, want) -> float:
+    got, want = to_float64(got), to_float64(want)
+    return float(np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-300))) if want.size else 0.0
+
+
+# -- kernels ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("lib", "dtype"), ALL_INPUTS, ids=INPUT_IDS)
+def test_linear_bookkeeping_matches_reference(rng, lib, dtype):
+    for b, t, din, dout in [(5, 7, 9, 11), (3, 1, 17, 4), (4, 33, 3, 2), (1, 6, 40, 70), (2, 3, 0, 4), (0, 2, 3, 3)]:
+        a = make_input(rng.standard_normal((b, t, din)), lib, dtype)
+        g = make_input(rng.standard_normal((b, t, dout)), lib, dtype)
+        w, bsq, grad = linear_grad_bookkeeping(a, g, bias=True)
+        ref_w, ref_b = _linear_grad_sqnorms(a, g)
+        a64, g64 = to_float64(a), to_float64(g)
+        want = np.einsum("bto,bti->oi", g64, a64)
+        assert tuple(grad.shape) == (dout, din)
+        assert str(grad.dtype).endswith("float64" if dtype == "float64" else "float32")
+        assert _max_rel(w, ref_w) <= GTOL[dtype] and _max_rel(bsq, ref_b) <= GTOL[dtype]
+        assert _rel(grad, want) <= GTOL[dtype], (b, t, din, dout, _rel(grad, want))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_linear_bookkeeping_strided_and_threads(rng, dtype):
+    import poisonguard as pg
+
+    base_a = rng.standard_normal((64, 14, 20)).astype(dtype)
+    base_g = rng.standard_normal((64, 9, 14)).astype(dtype)
+    a = base_a[:, ::2, 1::2]  # [64, 7, 10]
+    g = base_g.transpose(0, 2, 1)[:, ::2, :]  # [64, 7, 9], transposed sample blocks
+    want = np.einsum("bto,bti->oi", g.astype(np.float64), a.astype(np.float64))
+    before = pg.get_num_threads()
+    try:
+        for threads in (1, 3):
+            pg.set_num_threads(threads)
+            w, bsq, grad = linear_grad_bookkeeping(a, g)
+            assert bsq is None
+            assert _rel(grad, want) <= GTOL[dtype]
+            assert _max_rel(w, _linear_grad_sqnorms(a, g)[0]) <= GTOL[dtype]
+    finally:
+        pg.set_num_threads(before)
+
+
+def _conv_reference(x, g, weight_shape, stride, padding, dilation, groups):
+    """Per-sample weight gradients [B, *weight_shape] of a zero-padded convolution, float64, from torch."""
+    x, g = x.double(), g.double()
+    w = torch.zeros(weight_shape, dtype=torch.float64)
+    zeros = [0] * (x.dim() - 2)
+
+    def one(xi, gi):
+        return torch.ops.aten.convolution_backward(
+            gi[None], xi[None], w, None, stride, padding, dilation, False, zeros, groups, (False, True, False)
+        )[1]
+
+    return torch.stack([one(x[i], g[i]) for i in range(x.shape[0])])
+
+
+CONVS = [  # (C_in, C_out, kernel, stride, padding, dilation, groups, spatial)
+    (3, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1, (8, 7)),
+    (4, 6, (3, 2), (2, 1), (0, 1), (1, 2), 2, (9, 8)),
+    (6, 6, (2, 3), (1, 2), (2, 2), (2, 1), 3, (7, 9)),
+    (4, 8, (1, 1), (2, 2), (0, 0), (1, 1), 4, (5, 5)),
+    (2, 3, (5,), (1,), (2,), (1,), 1, (12,)),
+    (4, 4, (3,), (2,), (3,), (2,), 2, (11,)),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("conf", CONVS, ids=[f"conv{i}" for i in range(len(CONVS))])
+def test_conv_bookkeeping_matches_torch(rng, dtype, conf):
+    cin, cout, k, s, p, d, groups, spatial = conf
+    tdt = getattr(torch, dtype)
+    x = torch.from_numpy(rng.standard_normal((5, cin, *spatial))).to(tdt)
+    weight = torch.randn(cout, cin // groups, *k, dtype=tdt)
+    conv = F.conv1d if len(k) == 1 else F.conv2d
+    g = torch.randn_like(conv(x, weight, None, s, p, d, groups))
+    w, bsq, grad = conv_grad_bookkeeping(x, g, kernel_size=k, stride=s, padding=p, dilation=d, groups=groups, bias=True)
+    per_sample = _conv_reference(x, g, weight.shape, s, p, d, groups)
+    assert grad.shape == weight.shape and grad.dtype == tdt
+    assert _rel(grad, per_sample.sum(0)) <= GTOL[dtype]
+    assert _max_rel(w, per_sample.flatten(1).pow(2).sum(1)) <= GTOL[dtype]
+    assert _max_rel(bsq, g.double().sum(dim=list(range(2, g.dim()))).pow(2).sum(1)) <= GTOL[dtype]
+    # a strided (channels-last) input and a non-contiguous output gradient give the same
+    if len(k) == 2:
+        w2, _, grad2 = conv_grad_bookkeeping(
+            x.to(memory_format=torch.channels_last),
+            g.transpose(2, 3).contiguous().transpose(2, 3),
+            kernel_size=k,
+            stride=s,
+            padding=p,
+            dilation=d,
+            groups=groups,
+        )
+        assert _rel(grad2, grad) <= GTOL[dtype] and _max_rel(w2, w) <= GTOL[dtype]
+
+
+def test_conv_bookkeeping_numpy_and_errors(rng):
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    g = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
+    _, b, grad = conv_grad_bookkeeping(x, g, kernel_size=3)
+    assert isinstance(grad, np.ndarray) and grad.shape == (4, 3, 3, 3) and b is None
+    want = _conv_reference(torch.from_numpy(x), torch.from_numpy(g), (4, 3, 3, 3), (1, 1), (0, 0), (1, 1), 1)
+    assert _rel(grad, want.sum(0).numpy()) <= 2e-5
+    with pytest.raises(ValueError, match="divisible by groups"):
+        conv_grad_bookkeeping(x, g, kernel_size=3, groups=2)
+    with pytest.raises(ValueError, match=r"\[B, C, W\]"):
+        conv_grad_bookkeeping(x[0, 0], g[0, 0], kernel_size=3)
+    with pytest.raises(ValueError, match="output positions"):
+        conv_grad_bookkeeping(x, g[:, :, :3], kernel_size=3)
+    with pytest.raises(TypeError, match="same dtype"):
+        conv_grad_bookkeeping(x, g.astype(np.float64), kernel_size=3)
+    with pytest.raises(ValueError, match="kernel_size"):
+        conv_grad_bookkeeping(x, g, kernel_size=(3, 3, 3))
+
+
+def test_bookkeeping_cost_model():
+    assert gradnorm_method(1, 1024, 1024, bookkeeping=True) == "ghost"  # T = 1: ‖a‖²‖g‖² is nearly free
+    assert gradnorm_method(128, 128, 512, bookkeeping=True) == "direct"
+    assert gradnorm_method(1024, 27, 32, bookkeeping=True) == "direct"
+    assert gradnorm_method(8, 1024, 1024, bookkeeping=True) == "ghost"
+    for t, din, dout in [(16, 128, 128), (20, 128, 128), (50, 1024, 1024), (60, 1024, 1024), (3, 9, 11)]:
+        ghost = 1.15 * (t * t * (din + dout) / 2 + t * t)
+        assert gradnorm_method(t, din, dout, bookkeeping=True) == ("ghost" if ghost <= 3 * din * dout else "direct")
+
+
+# -- tracker: parameter gradients as a plain step's -----------------------------------------------------------------
+class SeqModel(nn.Module):
+    """Sequence Linear layers (T = 6), one with its input needing no gradient, a frozen-weight one, a T = 1 head."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 12)
+        self.mid = nn.Linear(12, 12, bias=False)
+        self.frozen = nn.Linear(12, 8)
+        self.frozen.weight.requires_grad_(False)
+        self.head = nn.Linear(8 * 6, 4)
+
+    def forward(self, x):
+        h = self.frozen(torch.tanh(self.mid(torch.relu(self.inp(x)))))
+        return self.head(h.flatten(1))
+
+
+def _grad_models():
+    torch.manual_seed(1)
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, dilation=2, groups=2, padding=2, padding_mode="reflect"),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, (2, 3), stride=(1, 2), padding=(1, 0), bias=False, padding_mode="circular"),
+        nn.GroupNorm(2, 6),
+        nn.Conv2d(6, 6, 2, padding="same", groups=3),  # even kernel: asymmetric padding
+        nn.Conv2d(6, 4, 1, padding_mode="replicate", padding=1),
+        nn.Flatten(),
+        nn.Linear(4 * 7 * 3, 4),
+    )
+    cnn1d = nn.Sequential(
+        nn.Conv1d(3, 6, 5, padding="same"),
+        nn.ReLU(),
+        nn.Conv1d(6, 6, 3, stride=2, dilation=2, groups=3, padding=2, padding_mode="replicate"),
+        nn.Flatten(),
+        nn.Linear(6 * 6, 4),
+    )
+    tokens = torch.randint(0, 6, (6, 9))
+    return {
+        "cnn": (cnn, torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))),
+        "cnn1d": (cnn1d, torch.randn(4, 3, 12), torch.randint(0, 4, (4,))),
+        "seq_linear": (SeqModel(), torch.randn(5, 6, 5), torch.randint(0, 4, (5,))),
+        "torch_encoder": (TorchEncoder(), tokens, torch.randint(0, 3, (6,))),
+    }
+
+
+def _plain_grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_grads_close(got, want, tol):
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k] is not None, k
+        err = float((got[k] - want[k]).abs().max() / want[k].abs().max().clamp_min(1e-300))
+        assert err <= tol, (k, err)
+
+
+@pytest.mark.parametrize("method", ["auto", "direct", "ghost"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", ["cnn", "cnn1d", "seq_linear", "torch_encoder"])
+def test_tracker_grads_match_plain_step(kind, dtype, method, monkeypatch):
+    model, x, y = _grad_models()[kind]
+    if dtype == "float64":
+        model = model.double()
+        x = x.double() if x.is_floating_point() else x
+    want = _plain_grads(model, x, y)
+    calls = []
+    for fn in ("conv_grad_bookkeeping", "linear_grad_bookkeeping"):
+        orig = getattr(tracker_module, fn)
+        monkeypatch.setattr(tracker_module, fn, lambda *a, orig=orig, **k: calls.append(1) or orig(*a, **k))
+    model.zero_grad(set_to_none=True)
+    with GradNormTracker(model, method=method) as tr:
+        F.cross_entropy(model(x), y).backward()
+    got = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+    _assert_grads_close(got, want, 1e-10 if dtype == "float64" else 1e-5)
+    if method == "direct":  # the book-keeping form ran on every linear map with a trainable weight (q, k, v apart)
+        maps = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+        attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+        assert len(calls) == sum(m.weight.requires_grad for m in maps) + 3 * len(attention)
+    elif method == "ghost":
+        assert not calls
+    ref = _vmap_norms(model, x, y)
+    assert float((tr.norms - ref).abs().max() / ref.abs().max()) <= (1e-10 if dtype == "float64" else 1e-5)
+
+
+def test_tracker_gradient_accumulation_and_backward_outside():
+    model, x, y = _grad_models()["cnn"]
+    g1 = _plain_grads(model, x[:3], y[:3])
+    g2 = _plain_grads(model, x[3:], y[3:])
+    model.zero_grad(set_to_none=True)
+    with GradNormTracker(model, method="direct") as tr:
+        F.cross_entropy(model(x[:3]), y[:3]).backward()
+        F.cross_entropy(model(x[3:]), y[3:]).backward()  # a second step accumulating into .grad
+    got = {k: p.grad for k, p in model.named_parameters()}
+    _assert_grads_close(got, {k: g1[k] + g2[k] for k in g1}, 1e-5)
+    assert tr.norms.shape == (2,)  # the norms are those of the second step
+    torch.testing.assert_close(tr.norms, _vmap_norms(model, x[3:], y[3:]), rtol=1e-5, atol=0)
+    # a graph built inside the block but differentiated after it: plain gradients, nothing recorded
+    model.zero_grad(set_to_none=True)
+    tr = GradNormTracker(model, method="direct")
+    with tr:
+        loss = F.cross_entropy(model(x[:3]), y[:3])
+    loss.backward()
+    _assert_grads_close({k: p.grad for k, p in model.named_parameters()}, g1, 1e-5)
+    with pytest.raises(RuntimeError, match="no per-sample norms"):
+        _ = tr.norms
+    # parameter hooks still see the summed gradient
+    seen = []
+    handle = model[0].weight.register_hook(lambda g: seen.append(g.clone()))
+    with GradNormTracker(model, method="direct"):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[:3]), y[:3]).backward()
+    handle.remove()
+    torch.testing.assert_close(seen[0], g1["0.weight"], rtol=1e-5, atol=1e-7)
+
+
+def test_tracker_forwards_restored_and_no_grad_forward():
+    model, x, y = _grad_models()["cnn"]
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with pytest.raises(RuntimeError, match="boom"), GradNormTracker(model):
+        assert all("forward" in m.__dict__ for m in convs)
+        model(x)
+        raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with GradNormTracker(model) as tr:
+        with torch.no_grad():
+            plain = model(x)
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+    torch.testing.assert_close(out.detach(), plain, rtol=1e-6, atol=1e-6)
+    assert tr.norms.shape == (5,)
