@@ -51,7 +51,8 @@ double trimmed_cross_entropy_forward_cpu(const LogitsView& logits,  // [B, C, P]
                                          int64_t ignore_index, int64_t k, TrimRows rows,
                                          const LogitsView* eager_grad = nullptr);  // [B, C, P] or null
 
-/// Whether the forward pass can fill `grad` eagerly (float32 logits and gradient with unit class stride, AVX2 build).
+/// Whether the forward pass can fill `grad` eagerly (float32 logits and gradient with unit class stride, more than 16
+/// classes, AVX2 build).
 bool trimmed_cross_entropy_eager_available(const LogitsView& logits, const LogitsView& grad);
 
 /// Finishes an eagerly filled gradient in place: kept rows (exp(x − max) · exp(−log_sum) − onehot) · factor · scale,

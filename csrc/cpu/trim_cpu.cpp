@@ -1,16 +1,21 @@
 // CPU kernels of the trimmed cross-entropy.
 //
 // Forward: rows in parallel (pg::parallel_for), per row one pass for the max and one for Σ exp(x − max), then the
-// loss; the k smallest losses of the valid rows by std::nth_element on (loss, index) pairs (ties: lower index
-// first), and the kept losses added in row order (independent of the thread split, so reproducible).
+// loss; float32 rows of at most kSmallClasses classes (unit class stride) are taken 8 at a time, transposed, so that
+// lane i of every vector is row i. The k smallest losses of the valid rows ((loss, index) pairs: ties keep the lower
+// index) are found through a histogram of the losses and std::nth_element on the one bucket holding the k-th, and
+// the kept losses are added in row order (independent of the thread split, so reproducible).
 // Backward: one pass per row writes (exp(x − max − log_sum) − onehot) · scale on kept rows, zeros elsewhere; there
-// is no [n, C] temporary besides the gradient itself.
+// is no [n, C] temporary besides the gradient itself. Rows of at most kSmallClasses classes stored back to back are
+// written 8 at a time as whole vectors (small_rows_grad), with the same bits as the row-by-row kernel.
 //
 // float32 rows with unit class stride take an AVX2 path (a vectorised expf, sums of at most kSumBlock terms in
-// float32 added in float64); every other layout and float64 use the scalar path in float64.
+// float32 added in float64); every other layout and float64 use the scalar path in float64. Every row's results
+// depend on that row only (never on its block or thread), so they do not change with the number of threads.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -38,28 +43,53 @@ int64_t min_rows_per_thread(int64_t classes) {
 constexpr int64_t kSumBlock = 512;
 
 #if defined(PG_TRIM_AVX2)
-// exp(x) for 8 floats: Cody–Waite reduction by ln 2 and a degree-6 polynomial (Cephes' expf coefficients,
-// ~1 ulp); 0 below −87.3 (where float32 results would be subnormal), NaN propagates.
+// exp(x) for 8 floats x ≤ 88 (the callers pass x − max ≤ 0): Cody–Waite reduction by ln 2, a degree-7 polynomial
+// (Cephes' expf coefficients) and the power of two built in the exponent field, < 1 ulp. round(x·log2 e) comes from
+// adding 1.5·2^23 + 127 (whose float ulp is 1), which leaves n + 127 in the low mantissa bits. Below −88 the input
+// is clamped so that n = −127, whose exponent field is 0: the result is 0 (the true values there are < 2^-126),
+// −inf included. A NaN propagates (max returns its second operand for a NaN, and NaN · anything is NaN).
 inline __m256 exp256(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365447505531f);
-  const __m256 hi = _mm256_set1_ps(88.3762626647949f);
-  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(hi, _mm256_max_ps(lo, x));  // a NaN x is returned by both (second operand)
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  x = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);
+  const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f);
+  const __m256 r = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(r, magic);
+  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), f);
   __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i n = _mm256_cvtps_epi32(fx);
-  n = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(n));
-  return _mm256_andnot_ps(underflow, y);
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0f));
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(r), 23)));
+}
+
+// log(x) for 8 positive normal floats (Cephes' logf: x = 2^e · m with m in [√½, √2), a degree-9 polynomial in
+// m − 1), < 1 ulp; log(1) = 0 exactly. Garbage for 0, inf and NaN: callers check those inputs themselves.
+inline __m256 log256(__m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+  __m256 m = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
+  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(small, _mm256_set1_ps(1.0f)));
+  m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), _mm256_set1_ps(1.0f));
+  const __m256 z = _mm256_mul_ps(m, m);
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.1514610310e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.1676998740e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.2420140846e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.4249322787e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.6668057665e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(2.0000714765e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-2.4999993993e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(3.3333331174e-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
 }
 
 inline float hmax(__m256 v) {
@@ -144,6 +174,94 @@ void row_grad_f32(const float* x, float* g, int64_t c, float m, float ls, float 
     _mm256_maskstore_ps(g + j, mask, _mm256_mul_ps(v, vs));
   }
 }
+
+// Rows of at most kSmallClasses classes (float32, unit class stride) are processed 8 at a time: lane i of a vector
+// belongs to row i, so that the max, the sum of exp and the log are vector operations over the classes, with no
+// horizontal reduction and no partly filled vector per row.
+constexpr int64_t kSmallClasses = 16;
+
+// Transposes the 8×8 matrix whose rows are v[0..8).
+inline void transpose8(__m256* v) {
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  v[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  v[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  v[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  v[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  v[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  v[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  v[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  v[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// Max and Σ exp(x − max) (added over the classes in order, in float32) of the 8 rows rows[0..8) of c ≤ 16 classes
+// each (unit class stride); lane i is row i. Every lane's result depends on its own row only.
+inline void small_rows_stats(const float* const* rows, int64_t c, __m256& row_max, __m256& sum) {
+  __m256 col[kSmallClasses];
+  if (c >= 8) {
+    for (int i = 0; i < 8; ++i) col[i] = _mm256_loadu_ps(rows[i]);
+  } else {
+    const __m256i mask = tail_mask(c);
+    for (int i = 0; i < 8; ++i) col[i] = _mm256_maskload_ps(rows[i], mask);
+  }
+  transpose8(col);
+  if (c > 8) {
+    const __m256i mask = tail_mask(c - 8);
+    for (int i = 0; i < 8; ++i) col[8 + i] = _mm256_maskload_ps(rows[i] + 8, mask);
+    transpose8(col + 8);
+  }
+  __m256 m = col[0];
+  for (int64_t j = 1; j < c; ++j) m = _mm256_max_ps(m, col[j]);
+  // A NaN lost by the max still makes its own exp, hence the sum, NaN; a +inf max makes x − max NaN.
+  __m256 s = exp256(_mm256_sub_ps(col[0], m));
+  for (int64_t j = 1; j < c; ++j) s = _mm256_add_ps(s, exp256(_mm256_sub_ps(col[j], m)));
+  row_max = m;
+  sum = s;
+}
+
+// Where the lanes of the flat gradient kernel below come from: 8 consecutive rows of c ≤ 16 classes stored flat
+// (row r at r·c) are c vectors of 8, lane l of vector q being class (8q + l) mod c of row (8q + l) div c.
+struct FlatLanes {
+  __m256i row[kSmallClasses];
+  __m256i col[kSmallClasses];
+  explicit FlatLanes(int64_t c) {
+    for (int64_t q = 0; q < c; ++q) {
+      alignas(32) int32_t r[8], j[8];
+      for (int l = 0; l < 8; ++l) {
+        r[l] = static_cast<int32_t>((8 * q + l) / c);
+        j[l] = static_cast<int32_t>((8 * q + l) % c);
+      }
+      row[q] = _mm256_load_si256(reinterpret_cast<const __m256i*>(r));
+      col[q] = _mm256_load_si256(reinterpret_cast<const __m256i*>(j));
+    }
+  }
+};
+
+// g = (exp((x − max) − log_sum) · s − [class == target]· s) on 8 flat rows (see FlatLanes), 0 on the rows whose
+// keep lane is 0. Per element the same float32 operations as row_grad_f32 followed by g[t] −= s: identical bits.
+inline void small_rows_grad(const float* x, float* g, int64_t c, const FlatLanes& lanes, __m256 row_max, __m256 log_sum,
+                            __m256 scale, __m256i target, __m256 keep) {
+  for (int64_t q = 0; q < c; ++q) {
+    const __m256i idx = lanes.row[q];
+    const __m256 v = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + 8 * q), _mm256_permutevar8x32_ps(row_max, idx)),
+                                   _mm256_permutevar8x32_ps(log_sum, idx));
+    const __m256 s = _mm256_permutevar8x32_ps(scale, idx);
+    const __m256 onehot =
+        _mm256_castsi256_ps(_mm256_cmpeq_epi32(lanes.col[q], _mm256_permutevar8x32_epi32(target, idx)));
+    const __m256 e = _mm256_sub_ps(_mm256_mul_ps(exp256(v), s), _mm256_and_ps(onehot, s));
+    _mm256_storeu_ps(g + 8 * q, _mm256_and_ps(e, _mm256_permutevar8x32_ps(keep, idx)));
+  }
+}
 #endif  // PG_TRIM_AVX2
 
 // Scalar row statistics in float64, any class stride.
@@ -169,11 +287,21 @@ inline bool fast_rows(const LogitsView& v) {
 #endif
 }
 
-// The eager gradient (exp written in the forward pass) exists for the AVX2 rows only, into a gradient of the same
-// shape with unit class stride.
+// Rows taken 8 at a time by the forward pass (small_rows_stats).
+inline bool small_rows(const LogitsView& v) {
+#if defined(PG_TRIM_AVX2)
+  return fast_rows(v) && v.classes <= kSmallClasses;
+#else
+  (void)v;
+  return false;
+#endif
+}
+
+// The eager gradient (exp written in the forward pass) exists for the AVX2 rows of more than kSmallClasses only, into a
+// gradient of the same shape with unit class stride.
 inline bool eager_rows(const LogitsView& x, const LogitsView& g) {
-  return fast_rows(x) && g.dtype == DType::float32 && g.stride_c == 1 && g.batch == x.batch && g.classes == x.classes &&
-         g.positions == x.positions;
+  return fast_rows(x) && !small_rows(x) && g.dtype == DType::float32 && g.stride_c == 1 && g.batch == x.batch &&
+         g.classes == x.classes && g.positions == x.positions;
 }
 
 void check_view(const LogitsView& v, const char* name) {
@@ -181,6 +309,56 @@ void check_view(const LogitsView& v, const char* name) {
            v.batch, ", ", v.classes, ", ", v.positions, "]");
   PG_CHECK_TYPE(v.dtype == DType::float32 || v.dtype == DType::float64, name,
                 " must be float32 or float64 on the CPU, got ", dtype_name(v.dtype));
+}
+
+// Rows r stored at r · classes (unit class stride, no gap between rows or positions).
+inline bool flat_rows(const LogitsView& v) {
+  if (v.stride_c != 1) return false;
+  if (v.positions == 1) return v.batch <= 1 || v.stride_b == v.classes;
+  return v.stride_p == v.classes && (v.batch <= 1 || v.stride_b == v.classes * v.positions);
+}
+
+// Order-preserving map of a double (not NaN; −0 must have been turned into +0) to an unsigned integer.
+inline uint64_t order_key(double v) {
+  uint64_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return (b >> 63) ? ~b : (b | (uint64_t{1} << 63));
+}
+
+// A monotone bucket of a loss for the histogram of select_smallest: the top kBucketBits of the order key of its
+// float32 rounding (rounding is monotone), i.e. 2^(kBucketBits − 9) buckets per octave.
+constexpr int kBucketBits = 14;
+inline uint32_t loss_bucket(double v) {
+  const float f = static_cast<float>(v);
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  b = (b >> 31) ? ~b : (b | 0x80000000u);
+  return b >> (32 - kBucketBits);
+}
+
+// Sets keep[r] for the k smallest (loss, r) pairs among the valid rows (lexicographic: equal losses keep the lower
+// row), 0 elsewhere; 1 ≤ k < number of valid rows, losses not NaN. A histogram of loss_bucket finds the bucket of
+// the k-th smallest, which only its own rows have to be ranked in.
+void select_smallest(const int64_t* target, int64_t ignore_index, int64_t n, int64_t k, const double* loss,
+                     uint8_t* keep) {
+  std::vector<uint32_t> hist(size_t{1} << kBucketBits, 0);
+  for (int64_t r = 0; r < n; ++r)
+    if (target[r] != ignore_index) ++hist[loss_bucket(loss[r] + 0.0)];  // + 0.0: −0 → +0
+  uint32_t kb = 0;
+  int64_t below = 0;
+  while (below + hist[kb] < k) below += hist[kb++];
+  std::vector<std::pair<uint64_t, int64_t>> ranked;
+  ranked.reserve(hist[kb]);
+  for (int64_t r = 0; r < n; ++r) {
+    if (target[r] == ignore_index) continue;
+    const double v = loss[r] + 0.0;
+    if (loss_bucket(v) == kb) ranked.emplace_back(order_key(v), r);
+  }
+  const auto kth = ranked.begin() + (k - below - 1);
+  std::nth_element(ranked.begin(), kth, ranked.end());
+  const std::pair<uint64_t, int64_t> last = *kth;
+  for (int64_t r = 0; r < n; ++r)
+    keep[r] = target[r] != ignore_index && std::make_pair(order_key(loss[r] + 0.0), r) <= last;
 }
 
 }  // namespace
@@ -204,56 +382,81 @@ double trimmed_cross_entropy_forward_cpu(const LogitsView& logits, const int64_t
   PG_CHECK(k >= std::min<int64_t>(1, n_valid) && k <= n_valid, "k must be in [", std::min<int64_t>(1, n_valid), ", ",
            n_valid, "] for ", n_valid, " valid rows, got ", k);
 
-  parallel_for(n, min_rows_per_thread(c), [&](int, int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const int64_t t = target[r];
-      rows.keep[r] = 0;
-      if (t == ignore_index) {
-        rows.loss[r] = rows.row_max[r] = rows.log_sum[r] = 0.0;
-        continue;
-      }
-      const int64_t off = logits.row_offset(r);
-      double m = 0.0, s = 0.0, xt = 0.0;
-      if (fast) {
+  // Writes row r's results from its max, Σ exp(x − max) (checked here) and log of that sum.
+  auto finish_row = [&](int64_t r, double m, double s, double ls, double xt) {
+    PG_CHECK(std::isfinite(m) && std::isfinite(s), "logits row ", r, " holds NaN or +inf, or no finite value ",
+             "(its log-sum-exp is not finite)");
+    rows.row_max[r] = m;
+    rows.log_sum[r] = ls;
+    rows.loss[r] = (m - xt) + ls;  // +inf when the target's logit is -inf
+  };
+  auto ignored_row = [&](int64_t r) {
+    rows.keep[r] = 0;
+    if (target[r] != ignore_index) return false;
+    rows.loss[r] = rows.row_max[r] = rows.log_sum[r] = 0.0;
+    return true;
+  };
 #if defined(PG_TRIM_AVX2)
-        const float* x = static_cast<const float*>(logits.data) + off;
-        if (eager)
-          row_stats_f32<true>(x, c, m, s,
-                              static_cast<float*>(const_cast<void*>(eager_grad->data)) + eager_grad->row_offset(r));
-        else
-          row_stats_f32<false>(x, c, m, s, nullptr);
-        xt = x[t];
-#endif
-      } else if (logits.dtype == DType::float64) {
-        const double* x = static_cast<const double*>(logits.data) + off;
-        row_stats_scalar<f64_tag>(x, c, logits.stride_c, m, s);
-        xt = x[t * logits.stride_c];
-      } else {
-        const float* x = static_cast<const float*>(logits.data) + off;
-        row_stats_scalar<f32_tag>(x, c, logits.stride_c, m, s);
-        xt = x[t * logits.stride_c];
+  if (small_rows(logits)) {
+    // 8 rows at a time (the last block padded with rows of zeros): a row's results do not depend on its block.
+    const float zeros[kSmallClasses] = {};
+    const float* base = static_cast<const float*>(logits.data);
+    parallel_for((n + 7) / 8, std::max<int64_t>(1, min_rows_per_thread(c) / 8), [&](int, int64_t b, int64_t e) {
+      for (int64_t blk = b; blk < e; ++blk) {
+        const int64_t r0 = blk * 8;
+        const int lanes = static_cast<int>(std::min<int64_t>(8, n - r0));
+        const float* ptr[8];
+        for (int i = 0; i < 8; ++i) ptr[i] = i < lanes ? base + logits.row_offset(r0 + i) : zeros;
+        __m256 vm, vs;
+        small_rows_stats(ptr, c, vm, vs);
+        alignas(32) float fm[8], fs[8], fl[8];
+        _mm256_store_ps(fm, vm);
+        _mm256_store_ps(fs, vs);
+        _mm256_store_ps(fl, log256(vs));  // the sum is ≥ 1 where it is finite
+        for (int i = 0; i < lanes; ++i) {
+          const int64_t r = r0 + i;
+          if (!ignored_row(r)) finish_row(r, fm[i], fs[i], fl[i], ptr[i][target[r]]);
+        }
       }
-      PG_CHECK(std::isfinite(m) && std::isfinite(s), "logits row ", r, " holds NaN or +inf, or no finite value ",
-               "(its log-sum-exp is not finite)");
-      const double ls = std::log(s);
-      rows.row_max[r] = m;
-      rows.log_sum[r] = ls;
-      rows.loss[r] = (m - xt) + ls;  // +inf when the target's logit is -inf
-    }
-  });
+    });
+  } else
+#endif
+  {
+    parallel_for(n, min_rows_per_thread(c), [&](int, int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        if (ignored_row(r)) continue;
+        const int64_t t = target[r];
+        const int64_t off = logits.row_offset(r);
+        double m = 0.0, s = 0.0, xt = 0.0;
+        if (fast) {
+#if defined(PG_TRIM_AVX2)
+          const float* x = static_cast<const float*>(logits.data) + off;
+          if (eager)
+            row_stats_f32<true>(x, c, m, s,
+                                static_cast<float*>(const_cast<void*>(eager_grad->data)) + eager_grad->row_offset(r));
+          else
+            row_stats_f32<false>(x, c, m, s, nullptr);
+          xt = x[t];
+#endif
+        } else if (logits.dtype == DType::float64) {
+          const double* x = static_cast<const double*>(logits.data) + off;
+          row_stats_scalar<f64_tag>(x, c, logits.stride_c, m, s);
+          xt = x[t * logits.stride_c];
+        } else {
+          const float* x = static_cast<const float*>(logits.data) + off;
+          row_stats_scalar<f32_tag>(x, c, logits.stride_c, m, s);
+          xt = x[t * logits.stride_c];
+        }
+        finish_row(r, m, s, std::log(s), xt);
+      }
+    });
+  }
 
   if (n_valid == 0) return 0.0;
   if (k == n_valid) {
     for (int64_t r = 0; r < n; ++r) rows.keep[r] = target[r] != ignore_index;
   } else {
-    std::vector<std::pair<double, int64_t>> order;
-    order.reserve(static_cast<size_t>(n_valid));
-    for (int64_t r = 0; r < n; ++r)
-      if (target[r] != ignore_index) order.emplace_back(rows.loss[r], r);
-    // Lexicographic (loss, index): equal losses keep the lower index. Losses are never NaN here.
-    std::nth_element(order.begin(), order.begin() + (k - 1), order.end());
-    const std::pair<double, int64_t> kth = order[static_cast<size_t>(k - 1)];
-    for (const auto& p : order) rows.keep[p.second] = p <= kth;
+    select_smallest(target, ignore_index, n, k, rows.loss, rows.keep);
   }
   double total = 0.0;
   for (int64_t r = 0; r < n; ++r)
@@ -272,45 +475,78 @@ void trimmed_cross_entropy_backward_cpu(const LogitsView& logits, const int64_t*
   const int64_t c = logits.classes;
   const bool fast = fast_rows(logits) && grad.stride_c == 1;
   const bool f64 = logits.dtype == DType::float64;
-  parallel_for(n, min_rows_per_thread(c), [&](int, int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const int64_t goff = grad.row_offset(r);
-      const int64_t gs = grad.stride_c;
-      if (!rows.keep[r]) {
-        if (f64) {
-          double* g = static_cast<double*>(const_cast<void*>(grad.data)) + goff;
-          for (int64_t j = 0; j < c; ++j) g[j * gs] = 0.0;
-        } else {
-          float* g = static_cast<float*>(const_cast<void*>(grad.data)) + goff;
-          for (int64_t j = 0; j < c; ++j) g[j * gs] = 0.0f;
-        }
-        continue;
-      }
-      const int64_t off = logits.row_offset(r);
-      const int64_t t = target[r];
-      const double s = factor * scale[r * scale_stride];
-      const double m = rows.row_max[r], ls = rows.log_sum[r];
-      if (fast) {
-#if defined(PG_TRIM_AVX2)
-        const float* x = static_cast<const float*>(logits.data) + off;
-        float* g = static_cast<float*>(const_cast<void*>(grad.data)) + goff;
-        row_grad_f32(x, g, c, static_cast<float>(m), static_cast<float>(ls), static_cast<float>(s));
-        g[t] -= static_cast<float>(s);
-#endif
-      } else if (f64) {
-        const double* x = static_cast<const double*>(logits.data) + off;
+  auto row = [&](int64_t r) {
+    const int64_t goff = grad.row_offset(r);
+    const int64_t gs = grad.stride_c;
+    if (!rows.keep[r]) {
+      if (f64) {
         double* g = static_cast<double*>(const_cast<void*>(grad.data)) + goff;
-        const int64_t sc = logits.stride_c;
-        for (int64_t j = 0; j < c; ++j) g[j * gs] = std::exp((x[j * sc] - m) - ls) * s;
-        g[t * gs] -= s;
+        for (int64_t j = 0; j < c; ++j) g[j * gs] = 0.0;
       } else {
-        const float* x = static_cast<const float*>(logits.data) + off;
         float* g = static_cast<float*>(const_cast<void*>(grad.data)) + goff;
-        const int64_t sc = logits.stride_c;
-        for (int64_t j = 0; j < c; ++j) g[j * gs] = static_cast<float>(std::exp((x[j * sc] - m) - ls) * s);
-        g[t * gs] -= static_cast<float>(s);
+        for (int64_t j = 0; j < c; ++j) g[j * gs] = 0.0f;
       }
+      return;
     }
+    const int64_t off = logits.row_offset(r);
+    const int64_t t = target[r];
+    const double s = factor * scale[r * scale_stride];
+    const double m = rows.row_max[r], ls = rows.log_sum[r];
+    if (fast) {
+#if defined(PG_TRIM_AVX2)
+      const float* x = static_cast<const float*>(logits.data) + off;
+      float* g = static_cast<float*>(const_cast<void*>(grad.data)) + goff;
+      row_grad_f32(x, g, c, static_cast<float>(m), static_cast<float>(ls), static_cast<float>(s));
+      g[t] -= static_cast<float>(s);
+#endif
+    } else if (f64) {
+      const double* x = static_cast<const double*>(logits.data) + off;
+      double* g = static_cast<double*>(const_cast<void*>(grad.data)) + goff;
+      const int64_t sc = logits.stride_c;
+      for (int64_t j = 0; j < c; ++j) g[j * gs] = std::exp((x[j * sc] - m) - ls) * s;
+      g[t * gs] -= s;
+    } else {
+      const float* x = static_cast<const float*>(logits.data) + off;
+      float* g = static_cast<float*>(const_cast<void*>(grad.data)) + goff;
+      const int64_t sc = logits.stride_c;
+      for (int64_t j = 0; j < c; ++j) g[j * gs] = static_cast<float>(std::exp((x[j * sc] - m) - ls) * s);
+      g[t * gs] -= static_cast<float>(s);
+    }
+  };
+#if defined(PG_TRIM_AVX2)
+  if (fast && c <= kSmallClasses && flat_rows(logits) && flat_rows(grad)) {
+    // Blocks of 8 flat rows (small_rows_grad), the last partial block row by row: the same bits either way.
+    const FlatLanes lanes(c);
+    const float* x = static_cast<const float*>(logits.data);
+    float* g = static_cast<float*>(const_cast<void*>(grad.data));
+    parallel_for((n + 7) / 8, std::max<int64_t>(1, min_rows_per_thread(c) / 8), [&](int, int64_t b, int64_t e) {
+      for (int64_t blk = b; blk < e; ++blk) {
+        const int64_t r0 = blk * 8;
+        if (r0 + 8 > n) {
+          for (int64_t r = r0; r < n; ++r) row(r);
+          continue;
+        }
+        alignas(32) float fm[8], fl[8], fs[8], fk[8];
+        alignas(32) int32_t ft[8];
+        for (int i = 0; i < 8; ++i) {
+          const int64_t r = r0 + i;
+          const bool kept = rows.keep[r] != 0;
+          fm[i] = static_cast<float>(rows.row_max[r]);
+          fl[i] = static_cast<float>(rows.log_sum[r]);
+          fs[i] = kept ? static_cast<float>(factor * scale[r * scale_stride]) : 0.0f;
+          ft[i] = kept ? static_cast<int32_t>(target[r]) : -1;
+          int32_t all = kept ? -1 : 0;
+          std::memcpy(&fk[i], &all, sizeof all);
+        }
+        small_rows_grad(x + r0 * c, g + r0 * c, c, lanes, _mm256_load_ps(fm), _mm256_load_ps(fl), _mm256_load_ps(fs),
+                        _mm256_load_si256(reinterpret_cast<const __m256i*>(ft)), _mm256_load_ps(fk));
+      }
+    });
+    return;
+  }
+#endif
+  parallel_for(n, min_rows_per_thread(c), [&](int, int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) row(r);
   });
 }
 
