@@ -140,6 +140,8 @@ def _count_valid(t: Any, n_classes: int, ignore_index: int) -> int:
                 f"outside, first {int(t[i])} at row {i}"
             )
         return int(n_valid)
+    if t.size and t.min() >= 0 and t.max() < n_classes:  # the common case, in two reductions
+        return int(t.size - np.count_nonzero(t == ignore_index)) if 0 <= ignore_index < n_classes else int(t.size)
     valid = t != ignore_index
     bad = valid & ((t < 0) | (t >= n_classes))
     if bad.any():
@@ -200,9 +202,10 @@ def trimmed_cross_entropy_forward(
     target : integer class indices ``[B]`` or ``[B, d1, ...]`` (numpy or torch on the logits' device), each in
         ``[0, C)`` or equal to ``ignore_index``.
     trim : share of the valid rows to drop, in ``[0, 1)``.
-    eager_grad : on the CPU, for float32 logits with unit class stride, also write ``exp(x − row_max)`` into a new
-        gradient buffer during the forward pass (``state.grad``), which the backward pass then finishes in place
-        without reading the logits again ("fused" forward + backward). Ignored where unavailable.
+    eager_grad : on the CPU, for float32 logits with unit class stride and more than 16 classes, also write
+        ``exp(x − row_max)`` into a new gradient buffer during the forward pass (``state.grad``), which the backward
+        pass then finishes in place without reading the logits again ("fused" forward + backward). Ignored where
+        unavailable.
 
     Returns
     -------

@@ -43,6 +43,9 @@ def _check_reduction(reduction: Any) -> str:
 class _TrimmedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, trim, reduction, ignore_index):  # type: ignore[override]
+        # No zero-filled gradient for the bool mask output (n elements, filled by torch's thread pool at each
+        # backward call): backward receives None for it.
+        ctx.set_materialize_grads(False)
         eager = EAGER_GRADIENT and ctx.needs_input_grad[0]
         state, x3, t, row_shape = trimmed_cross_entropy_forward(
             logits, target, trim, ignore_index=ignore_index, eager_grad=eager
@@ -67,6 +70,9 @@ class _TrimmedCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_keep):  # type: ignore[override]
+        if grad_out is None:  # only the mask was used downstream: no gradient
+            ctx.eager = None
+            return None, None, None, None, None
         x3, t, row_max, log_sum, keep = ctx.saved_tensors
         from ..ops.trim import TrimState
 
