@@ -204,9 +204,11 @@ inline void transpose8(__m256* v) {
   v[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// Max and Σ exp(x − max) (added over the classes in order, in float32) of the 8 rows rows[0..8) of c ≤ 16 classes
-// each (unit class stride); lane i is row i. Every lane's result depends on its own row only.
-inline void small_rows_stats(const float* const* rows, int64_t c, __m256& row_max, __m256& sum) {
+// Max, Σ exp(x − max) (added over the classes in order, in float32) and the logit of class target (0 where the
+// target is not in [0, c)) of the 8 rows rows[0..8) of c ≤ 16 classes each (unit class stride); lane i is row i.
+// Every lane's results depend on its own row only.
+inline void small_rows_stats(const float* const* rows, int64_t c, __m256i target, __m256& row_max, __m256& sum,
+                             __m256& target_logit) {
   __m256 col[kSmallClasses];
   if (c >= 8) {
     for (int i = 0; i < 8; ++i) col[i] = _mm256_loadu_ps(rows[i]);
@@ -221,12 +223,23 @@ inline void small_rows_stats(const float* const* rows, int64_t c, __m256& row_ma
     transpose8(col + 8);
   }
   __m256 m = col[0];
-  for (int64_t j = 1; j < c; ++j) m = _mm256_max_ps(m, col[j]);
+  __m256 xt = _mm256_and_ps(col[0], _mm256_castsi256_ps(_mm256_cmpeq_epi32(target, _mm256_setzero_si256())));
+  for (int64_t j = 1; j < c; ++j) {
+    m = _mm256_max_ps(m, col[j]);
+    const __m256i hit = _mm256_cmpeq_epi32(target, _mm256_set1_epi32(static_cast<int>(j)));
+    xt = _mm256_blendv_ps(xt, col[j], _mm256_castsi256_ps(hit));
+  }
   // A NaN lost by the max still makes its own exp, hence the sum, NaN; a +inf max makes x − max NaN.
   __m256 s = exp256(_mm256_sub_ps(col[0], m));
   for (int64_t j = 1; j < c; ++j) s = _mm256_add_ps(s, exp256(_mm256_sub_ps(col[j], m)));
   row_max = m;
   sum = s;
+  target_logit = xt;
+}
+
+// Lanes of v that are neither NaN nor ±inf, as a movemask.
+inline int finite_lanes(__m256 v) {
+  return _mm256_movemask_ps(_mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_EQ_OQ));
 }
 
 // Where the lanes of the flat gradient kernel below come from: 8 consecutive rows of c ≤ 16 classes stored flat
@@ -347,18 +360,19 @@ void select_smallest(const int64_t* target, int64_t ignore_index, int64_t n, int
   uint32_t kb = 0;
   int64_t below = 0;
   while (below + hist[kb] < k) below += hist[kb++];
+  // Rows below bucket kb are kept, rows above dropped, rows in it ranked.
   std::vector<std::pair<uint64_t, int64_t>> ranked;
   ranked.reserve(hist[kb]);
   for (int64_t r = 0; r < n; ++r) {
-    if (target[r] == ignore_index) continue;
     const double v = loss[r] + 0.0;
-    if (loss_bucket(v) == kb) ranked.emplace_back(order_key(v), r);
+    const uint32_t b = loss_bucket(v);
+    const bool valid = target[r] != ignore_index;
+    keep[r] = valid && b < kb;
+    if (valid && b == kb) ranked.emplace_back(order_key(v), r);
   }
   const auto kth = ranked.begin() + (k - below - 1);
   std::nth_element(ranked.begin(), kth, ranked.end());
-  const std::pair<uint64_t, int64_t> last = *kth;
-  for (int64_t r = 0; r < n; ++r)
-    keep[r] = target[r] != ignore_index && std::make_pair(order_key(loss[r] + 0.0), r) <= last;
+  for (auto it = ranked.begin(); it <= kth; ++it) keep[it->second] = 1;
 }
 
 }  // namespace
@@ -371,13 +385,17 @@ double trimmed_cross_entropy_forward_cpu(const LogitsView& logits, const int64_t
   const bool fast = fast_rows(logits);
   const bool eager = eager_grad != nullptr && eager_rows(logits, *eager_grad);
   // Targets first (cheap, and nothing is written when one is wrong).
-  int64_t n_valid = 0;
-  for (int64_t r = 0; r < n; ++r) {
+  int64_t n_valid = 0, n_bad = 0;
+  for (int64_t r = 0; r < n; ++r) {  // branch-free (vectorised); the bad row is looked for only when there is one
     const int64_t t = target[r];
-    if (t == ignore_index) continue;
-    PG_CHECK(t >= 0 && t < c, "target must be in [0, ", c, ") or ignore_index (", ignore_index, "), got ", t,
-             " at row ", r);
-    ++n_valid;
+    const bool valid = t != ignore_index;
+    n_valid += valid;
+    n_bad += valid & (static_cast<uint64_t>(t) >= static_cast<uint64_t>(c));
+  }
+  for (int64_t r = 0; n_bad && r < n; ++r) {
+    const int64_t t = target[r];
+    PG_CHECK(t == ignore_index || (t >= 0 && t < c), "target must be in [0, ", c, ") or ignore_index (", ignore_index,
+             "), got ", t, " at row ", r);
   }
   PG_CHECK(k >= std::min<int64_t>(1, n_valid) && k <= n_valid, "k must be in [", std::min<int64_t>(1, n_valid), ", ",
            n_valid, "] for ", n_valid, " valid rows, got ", k);
@@ -406,17 +424,53 @@ double trimmed_cross_entropy_forward_cpu(const LogitsView& logits, const int64_t
         const int64_t r0 = blk * 8;
         const int lanes = static_cast<int>(std::min<int64_t>(8, n - r0));
         const float* ptr[8];
-        for (int i = 0; i < 8; ++i) ptr[i] = i < lanes ? base + logits.row_offset(r0 + i) : zeros;
-        __m256 vm, vs;
-        small_rows_stats(ptr, c, vm, vs);
-        alignas(32) float fm[8], fs[8], fl[8];
-        _mm256_store_ps(fm, vm);
-        _mm256_store_ps(fs, vs);
-        _mm256_store_ps(fl, log256(vs));  // the sum is ≥ 1 where it is finite
-        for (int i = 0; i < lanes; ++i) {
-          const int64_t r = r0 + i;
-          if (!ignored_row(r)) finish_row(r, fm[i], fs[i], fl[i], ptr[i][target[r]]);
+        alignas(32) int32_t t32[8];
+        for (int i = 0; i < 8; ++i) {
+          ptr[i] = i < lanes ? base + logits.row_offset(r0 + i) : zeros;
+          // Any target outside [0, c) selects no logit (ignored rows, whose results are zeros anyway).
+          const int64_t t = i < lanes ? target[r0 + i] : -1;
+          t32[i] = t >= 0 && t < c ? static_cast<int32_t>(t) : -1;
         }
+        __m256 vm, vs, vt;
+        small_rows_stats(ptr, c, _mm256_load_si256(reinterpret_cast<const __m256i*>(t32)), vm, vs, vt);
+        const __m256 vl = log256(vs);  // the sum is ≥ 1 where it is finite
+        if (lanes < 8) {               // the same operations, one row at a time
+          alignas(32) float fm[8], fs[8], fl[8], ft[8];
+          _mm256_store_ps(fm, vm);
+          _mm256_store_ps(fs, vs);
+          _mm256_store_ps(fl, vl);
+          _mm256_store_ps(ft, vt);
+          for (int i = 0; i < lanes; ++i)
+            if (!ignored_row(r0 + i)) finish_row(r0 + i, fm[i], fs[i], fl[i], ft[i]);
+          continue;
+        }
+        // loss = (max − x[target]) + log_sum in float64, zeros on ignored rows; keep = 0.
+        const __m256i ii = _mm256_set1_epi64x(ignore_index);
+        const __m256d ign_lo = _mm256_castsi256_pd(
+            _mm256_cmpeq_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(target + r0)), ii));
+        const __m256d ign_hi = _mm256_castsi256_pd(
+            _mm256_cmpeq_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(target + r0 + 4)), ii));
+        const int valid = ~(_mm256_movemask_pd(ign_lo) | (_mm256_movemask_pd(ign_hi) << 4)) & 0xff;
+        const int bad = valid & ~(finite_lanes(vm) & finite_lanes(vs));
+        if (bad) {
+          const int i = __builtin_ctz(static_cast<unsigned>(bad));
+          finish_row(r0 + i, std::numeric_limits<double>::quiet_NaN(), 0.0, 0.0, 0.0);  // throws
+        }
+        auto store = [&](double* out, __m256d lo, __m256d hi) {
+          _mm256_storeu_pd(out + r0, _mm256_andnot_pd(ign_lo, lo));
+          _mm256_storeu_pd(out + r0 + 4, _mm256_andnot_pd(ign_hi, hi));
+        };
+        const __m256d m_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(vm)),
+                      m_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(vm, 1));
+        const __m256d l_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(vl)),
+                      l_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(vl, 1));
+        const __m256d t_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(vt)),
+                      t_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(vt, 1));
+        store(rows.row_max, m_lo, m_hi);
+        store(rows.log_sum, l_lo, l_hi);
+        store(rows.loss, _mm256_add_pd(_mm256_sub_pd(m_lo, t_lo), l_lo),
+              _mm256_add_pd(_mm256_sub_pd(m_hi, t_hi), l_hi));
+        std::memset(rows.keep + r0, 0, 8);
       }
     });
   } else
@@ -458,10 +512,13 @@ double trimmed_cross_entropy_forward_cpu(const LogitsView& logits, const int64_t
   } else {
     select_smallest(target, ignore_index, n, k, rows.loss, rows.keep);
   }
-  double total = 0.0;
-  for (int64_t r = 0; r < n; ++r)
-    if (rows.keep[r]) total += rows.loss[r];
-  return total;
+  // Eight partial sums (row r into sum r mod 8, then added in order): a fixed order, whatever the threads.
+  double part[8] = {};
+  int64_t r = 0;
+  for (; r + 8 <= n; r += 8)
+    for (int j = 0; j < 8; ++j) part[j] += rows.keep[r + j] ? rows.loss[r + j] : 0.0;
+  for (; r < n; ++r) part[r & 7] += rows.keep[r] ? rows.loss[r] : 0.0;
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
 void trimmed_cross_entropy_backward_cpu(const LogitsView& logits, const int64_t* target, const TrimRows& rows,
