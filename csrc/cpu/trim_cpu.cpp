@@ -310,7 +310,7 @@ inline bool small_rows(const LogitsView& v) {
 #endif
 }
 
-// The eager gradient (exp written in the forward pass) exists for the AVX2 rows of more than kSmallClasses only, into a
+// The eager gradient (written by the forward pass) exists for the AVX2 rows of more than kSmallClasses only, into a
 // gradient of the same shape with unit class stride.
 inline bool eager_rows(const LogitsView& x, const LogitsView& g) {
   return fast_rows(x) && !small_rows(x) && g.dtype == DType::float32 && g.stride_c == 1 && g.batch == x.batch &&
@@ -378,7 +378,7 @@ void select_smallest(const int64_t* target, int64_t ignore_index, int64_t n, int
 }  // namespace
 
 double trimmed_cross_entropy_forward_cpu(const LogitsView& logits, const int64_t* target, int64_t ignore_index,
-                                         int64_t k, TrimRows rows, const LogitsView* eager_grad) {
+                                         int64_t k, TrimRows rows, const LogitsView* eager_grad, double eager_factor) {
   check_view(logits, "logits");
   const int64_t n = logits.rows();
   const int64_t c = logits.classes;
@@ -478,18 +478,28 @@ double trimmed_cross_entropy_forward_cpu(const LogitsView& logits, const int64_t
   {
     parallel_for(n, min_rows_per_thread(c), [&](int, int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
-        if (ignored_row(r)) continue;
+        float* g =
+            eager ? static_cast<float*>(const_cast<void*>(eager_grad->data)) + eager_grad->row_offset(r) : nullptr;
+        if (ignored_row(r)) {
+          if (eager) std::fill(g, g + c, 0.0f);
+          continue;
+        }
         const int64_t t = target[r];
         const int64_t off = logits.row_offset(r);
         double m = 0.0, s = 0.0, xt = 0.0;
         if (fast) {
 #if defined(PG_TRIM_AVX2)
           const float* x = static_cast<const float*>(logits.data) + off;
-          if (eager)
-            row_stats_f32<true>(x, c, m, s,
-                                static_cast<float*>(const_cast<void*>(eager_grad->data)) + eager_grad->row_offset(r));
-          else
-            row_stats_f32<false>(x, c, m, s, nullptr);
+          if (eager) {
+            row_stats_f32<true>(x, c, m, s, g);  // g = exp(x − max)
+            finish_row(r, m, s, std::log(s), x[t]);
+            // (softmax − onehot) · factor while the row is still in L1: softmax = exp(x − max) / Σ.
+            const float mult = static_cast<float>(eager_factor / s);
+            for (int64_t j = 0; j < c; ++j) g[j] *= mult;
+            g[t] -= static_cast<float>(eager_factor);
+            continue;
+          }
+          row_stats_f32<false>(x, c, m, s, nullptr);
           xt = x[t];
 #endif
         } else if (logits.dtype == DType::float64) {
@@ -511,6 +521,14 @@ double trimmed_cross_entropy_forward_cpu(const LogitsView& logits, const int64_t
     for (int64_t r = 0; r < n; ++r) rows.keep[r] = target[r] != ignore_index;
   } else {
     select_smallest(target, ignore_index, n, k, rows.loss, rows.keep);
+    if (eager)  // the dropped rows' gradient is 0
+      parallel_for(n, min_rows_per_thread(c), [&](int, int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r)
+          if (!rows.keep[r] && target[r] != ignore_index) {
+            float* g = static_cast<float*>(const_cast<void*>(eager_grad->data)) + eager_grad->row_offset(r);
+            std::fill(g, g + c, 0.0f);
+          }
+      });
   }
   // Eight partial sums (row r into sum r mod 8, then added in order): a fixed order, whatever the threads.
   double part[8] = {};
@@ -611,24 +629,19 @@ bool trimmed_cross_entropy_eager_available(const LogitsView& logits, const Logit
   return eager_rows(logits, grad);
 }
 
-void trimmed_cross_entropy_backward_eager_cpu(const int64_t* target, const TrimRows& rows, const double* scale,
-                                              int64_t scale_stride, double factor, const LogitsView& grad) {
+void trimmed_cross_entropy_backward_eager_cpu(const TrimRows& rows, const double* scale, int64_t scale_stride,
+                                              double factor, const LogitsView& grad) {
   PG_CHECK_TYPE(grad.dtype == DType::float32 && grad.stride_c == 1,
                 "the eager gradient must be float32 with unit class stride");
+  if (scale_stride == 0 && factor * scale[0] == 1.0) return;  // the usual case: the gradient is final
   const int64_t n = grad.rows();
   const int64_t c = grad.classes;
   parallel_for(n, min_rows_per_thread(c), [&](int, int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
+      if (!rows.keep[r]) continue;  // zeros already
       float* g = static_cast<float*>(const_cast<void*>(grad.data)) + grad.row_offset(r);
-      if (!rows.keep[r]) {
-        std::fill(g, g + c, 0.0f);
-        continue;
-      }
-      // g holds exp(x − max); softmax = that / Σ = that · exp(−log_sum).
-      const double s = factor * scale[r * scale_stride];
-      const float mult = static_cast<float>(s * std::exp(-rows.log_sum[r]));
+      const float mult = static_cast<float>(factor * scale[r * scale_stride]);
       for (int64_t j = 0; j < c; ++j) g[j] *= mult;
-      g[target[r]] -= static_cast<float>(s);
     }
   });
 }

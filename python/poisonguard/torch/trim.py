@@ -27,11 +27,12 @@ from torch.autograd.function import once_differentiable
 from ..ops.trim import check_trim, keep_count, trimmed_cross_entropy_backward, trimmed_cross_entropy_forward
 
 _REDUCTIONS = ("mean", "sum", "none")
-# Fill the gradient in the forward pass when the logits need one (CPU, float32, unit class stride): one read of the
-# logits and one exp per element instead of two, for a read + write of the gradient more. Off by default: no
-# consistent difference was measured (bench/RESULTS_trim.md), and it holds the [n, C] gradient from the forward pass
-# to the backward pass.
-EAGER_GRADIENT = False
+# Write the gradient in the forward pass when the logits need one (CPU, float32, unit class stride, more than 16
+# classes): each row's (softmax − onehot) / k is written while the row is in cache, so the logits are read and
+# exponentiated once in all, and the backward pass has nothing left to do for an upstream gradient of 1 (one scaling
+# pass otherwise). The cost: the [n, C] gradient exists from the forward pass on, and is computed even if no backward
+# pass follows. False: the backward pass computes it from the logits (a second read and exp).
+EAGER_GRADIENT = True
 
 
 def _check_reduction(reduction: Any) -> str:
@@ -48,10 +49,11 @@ class _TrimmedCrossEntropy(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         eager = EAGER_GRADIENT and ctx.needs_input_grad[0]
         state, x3, t, row_shape = trimmed_cross_entropy_forward(
-            logits, target, trim, ignore_index=ignore_index, eager_grad=eager
+            logits, target, trim, ignore_index=ignore_index, eager_grad=eager, eager_mean=reduction == "mean"
         )
         ctx.save_for_backward(x3, t, state.row_max, state.log_sum, state.keep)
-        ctx.eager = state.grad  # an intermediate buffer, finished in place by backward (or None)
+        ctx.eager = state.grad  # the gradient for an upstream gradient of 1, returned by backward (or None)
+        ctx.grad_factor = state.grad_factor
         ctx.k = state.k
         ctx.reduction = reduction
         ctx.shape = tuple(logits.shape)
@@ -77,7 +79,15 @@ class _TrimmedCrossEntropy(torch.autograd.Function):
         from ..ops.trim import TrimState
 
         state = TrimState(
-            loss=None, keep=keep, total=None, k=ctx.k, n_valid=-1, row_max=row_max, log_sum=log_sum, grad=ctx.eager
+            loss=None,
+            keep=keep,
+            total=None,
+            k=ctx.k,
+            n_valid=-1,
+            row_max=row_max,
+            log_sum=log_sum,
+            grad=ctx.eager,
+            grad_factor=ctx.grad_factor,
         )
         ctx.eager = None
         scale = grad_out.detach().reshape(-1).to(torch.float64)
