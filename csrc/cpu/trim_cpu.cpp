@@ -8,6 +8,9 @@
 // Backward: one pass per row writes (exp(x − max − log_sum) − onehot) · scale on kept rows, zeros elsewhere; there
 // is no [n, C] temporary besides the gradient itself. Rows of at most kSmallClasses classes stored back to back are
 // written 8 at a time as whole vectors (small_rows_grad), with the same bits as the row-by-row kernel.
+// Eager gradient (float32 AVX2 rows of more than kSmallClasses): the forward pass writes each row's exp(x − max) into
+// the gradient while it sums them and turns it into (softmax − onehot) · factor while the row is in L1, so that the
+// logits are read and exponentiated once in all; the backward pass only scales it (or nothing, for a unit scale).
 //
 // float32 rows with unit class stride take an AVX2 path (a vectorised expf, sums of at most kSumBlock terms in
 // float32 added in float64); every other layout and float64 use the scalar path in float64. Every row's results

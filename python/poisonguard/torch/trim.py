@@ -61,6 +61,9 @@ class _TrimmedCrossEntropy(torch.autograd.Function):
         if reduction == "none":
             out = torch.where(state.keep, state.loss, torch.zeros((), dtype=torch.float64, device=state.loss.device))
             out = out.to(logits.dtype).view(row_shape)
+        elif isinstance(state.total, float):  # CPU: one tensor made from the float64 value
+            value = state.total if reduction == "sum" else (state.total / state.k if state.k else 0.0)
+            out = torch.tensor(value, dtype=logits.dtype)
         else:
             total = torch.as_tensor(state.total, dtype=torch.float64, device=logits.device)
             if reduction == "mean":
@@ -118,7 +121,9 @@ def trimmed_cross_entropy(
     return_kept : also return the bool mask of kept rows (shape of ``target``).
 
     The gradient is ``(softmax − onehot) · grad_output / k`` on the kept rows ("mean") and exactly 0 on the others,
-    written in one pass into a tensor like ``logits``; nothing of size ``[n, C]`` is allocated besides it. Its value
+    written in one pass into a tensor like ``logits``; nothing of size ``[n, C]`` is allocated besides it. On the CPU
+    (float32, unit class stride, more than 16 classes) it is written by the forward pass when ``logits`` requires a
+    gradient (see ``EAGER_GRADIENT``). Its value
     and gradient match ``F.cross_entropy(reduction="none")`` + selection of the k smallest + mean. Only first
     derivatives are supported. On CUDA, validating the targets synchronises once with the host.
     """
