@@ -75,9 +75,12 @@ class _TrimmedCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_keep):  # type: ignore[override]
+        eager, ctx.eager = ctx.eager, None  # the eager gradient is handed out once
         if grad_out is None:  # only the mask was used downstream: no gradient
-            ctx.eager = None
             return None, None, None, None, None
+        factor = (1.0 / ctx.k if ctx.k else 0.0) if ctx.reduction == "mean" else 1.0
+        if eager is not None and grad_out.dim() == 0 and factor / ctx.grad_factor * float(grad_out) == 1.0:
+            return eager.view(ctx.shape), None, None, None, None  # written for exactly this upstream gradient
         x3, t, row_max, log_sum, keep = ctx.saved_tensors
         from ..ops.trim import TrimState
 
@@ -89,12 +92,10 @@ class _TrimmedCrossEntropy(torch.autograd.Function):
             n_valid=-1,
             row_max=row_max,
             log_sum=log_sum,
-            grad=ctx.eager,
+            grad=eager,
             grad_factor=ctx.grad_factor,
         )
-        ctx.eager = None
         scale = grad_out.detach().reshape(-1).to(torch.float64)
-        factor = (1.0 / ctx.k if ctx.k else 0.0) if ctx.reduction == "mean" else 1.0
         grad = trimmed_cross_entropy_backward(x3, t, state, scale, factor)
         return grad.view(ctx.shape), None, None, None, None
 
