@@ -13,8 +13,9 @@
 // logits are read and exponentiated once in all; the backward pass only scales it (or nothing, for a unit scale).
 //
 // float32 rows with unit class stride take an AVX2 path (a vectorised expf, sums of at most kSumBlock terms in
-// float32 added in float64); every other layout and float64 use the scalar path in float64. Every row's results
-// depend on that row only (never on its block or thread), so they do not change with the number of threads.
+// float32 added in float64, the next row prefetched while the current one is exponentiated); every other layout and
+// float64 use the scalar path in float64. Every row's results depend on that row only (never on its block or thread),
+// so they do not change with the number of threads.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -399,6 +400,7 @@ double trimmed_cross_entropy_forward_cpu(const LogitsView& logits, const int64_t
   const int64_t c = logits.classes;
   const bool fast = fast_rows(logits);
   const bool eager = eager_grad != nullptr && eager_rows(logits, *eager_grad);
+  (void)eager_factor;  // used by the AVX2 rows only
   // Targets first (cheap, and nothing is written when one is wrong).
   int64_t n_valid = 0, n_bad = 0;
   for (int64_t r = 0; r < n; ++r) {  // branch-free (vectorised); the bad row is looked for only when there is one
@@ -572,6 +574,7 @@ void trimmed_cross_entropy_backward_cpu(const LogitsView& logits, const int64_t*
   const bool fast = fast_rows(logits) && grad.stride_c == 1;
   const bool f64 = logits.dtype == DType::float64;
   auto row = [&](int64_t r, bool prefetch_next) {
+    (void)prefetch_next;  // AVX2 rows only
     const int64_t goff = grad.row_offset(r);
     const int64_t gs = grad.stride_c;
     if (!rows.keep[r]) {
