@@ -124,9 +124,9 @@ def trimmed_cross_entropy(
     The gradient is ``(softmax − onehot) · grad_output / k`` on the kept rows ("mean") and exactly 0 on the others,
     written in one pass into a tensor like ``logits``; nothing of size ``[n, C]`` is allocated besides it. On the CPU
     (float32, unit class stride, more than 16 classes) it is written by the forward pass when ``logits`` requires a
-    gradient (see ``EAGER_GRADIENT``). Its value
-    and gradient match ``F.cross_entropy(reduction="none")`` + selection of the k smallest + mean. Only first
-    derivatives are supported. On CUDA, validating the targets synchronises once with the host.
+    gradient (see ``EAGER_GRADIENT``). Its value and gradient match ``F.cross_entropy(reduction="none")`` + selection
+    of the k smallest + mean. Only first derivatives are supported. On CUDA, validating the targets synchronises once
+    with the host.
     """
     check_trim(trim)
     _check_reduction(reduction)
