@@ -61,7 +61,7 @@ void pg_bind_trim(py::module_& m) {
   m.def(
       "trimmed_cross_entropy_forward",
       [](const py::array& logits, const py::array& target, int64_t ignore_index, int64_t k,
-         const py::object& eager_grad) {
+         const py::object& eager_grad, double eager_factor) {
         LogitsView v = host_logits(logits, "logits");
         const int64_t n = v.rows();
         const int64_t* t = host_vector<int64_t>(target, "target", n);
@@ -79,33 +79,34 @@ void pg_bind_trim(py::module_& m) {
         double total = 0.0;
         {
           py::gil_scoped_release nogil;
-          total = pg::trimmed_cross_entropy_forward_cpu(v, t, ignore_index, k, rows, eager ? &g : nullptr);
+          total =
+              pg::trimmed_cross_entropy_forward_cpu(v, t, ignore_index, k, rows, eager ? &g : nullptr, eager_factor);
         }
         return py::make_tuple(total, loss, row_max, log_sum, keep, eager);
       },
       py::arg("logits"), py::arg("target"), py::arg("ignore_index"), py::arg("k"), py::arg("eager_grad") = py::none(),
+      py::arg("eager_factor") = 1.0,
       "(sum of kept losses, loss [n], row_max [n], log_sum [n] float64, keep [n] uint8, eager) for float32/float64 "
       "logits [B, C, P] (any strides) and int64 targets [B·P]; the k smallest losses of the valid rows are kept. "
-      "eager: whether exp(x − row_max) was also written into eager_grad (float32, unit class stride only).");
+      "eager: whether the gradient for a unit upstream gradient, (softmax − onehot) · eager_factor on the kept rows "
+      "and 0 elsewhere, was also written into eager_grad (float32, unit class stride, more than 16 classes only).");
 
   m.def(
       "trimmed_cross_entropy_backward_eager",
-      [](const py::array& target, const py::array& log_sum, const py::array& keep, const py::array& scale,
-         double factor, py::array grad) {
+      [](const py::array& keep, const py::array& scale, double factor, py::array grad) {
         PG_CHECK(grad.writeable(), "grad must be writeable");
         LogitsView g = host_logits(grad, "grad");
         const int64_t n = g.rows();
         PG_CHECK(scale.ndim() == 1 && (scale.shape(0) == 1 || scale.shape(0) == n), "scale must have shape [1] or [", n,
                  "]");
         const double* s = host_vector<double>(scale, "scale", scale.shape(0));
-        pg::TrimRows rows{nullptr, nullptr, const_cast<double*>(host_vector<double>(log_sum, "log_sum", n)),
-                          const_cast<uint8_t*>(host_vector<uint8_t>(keep, "keep", n))};
-        const int64_t* t = host_vector<int64_t>(target, "target", n);
+        pg::TrimRows rows{nullptr, nullptr, nullptr, const_cast<uint8_t*>(host_vector<uint8_t>(keep, "keep", n))};
         py::gil_scoped_release nogil;
-        pg::trimmed_cross_entropy_backward_eager_cpu(t, rows, s, scale.shape(0) == 1 ? 0 : 1, factor, g);
+        pg::trimmed_cross_entropy_backward_eager_cpu(rows, s, scale.shape(0) == 1 ? 0 : 1, factor, g);
       },
-      py::arg("target"), py::arg("log_sum"), py::arg("keep"), py::arg("scale"), py::arg("factor"), py::arg("grad"),
-      "Finishes in place a gradient filled eagerly by trimmed_cross_entropy_forward (float32 [B, C, P]).");
+      py::arg("keep"), py::arg("scale"), py::arg("factor"), py::arg("grad"),
+      "Scales in place a gradient written by trimmed_cross_entropy_forward (float32 [B, C, P]): kept rows times "
+      "factor · scale (scale float64 [1] or [n]).");
 
   m.def(
       "trimmed_cross_entropy_backward",

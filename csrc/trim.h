@@ -43,21 +43,23 @@ struct TrimRows {
 /// target outside [0, classes) that is not ignore_index, for k outside [min(1, n_valid), n_valid], and for a valid
 /// row whose logits hold NaN or +inf or no finite value (its log-sum-exp is not finite). Returns the sum of the kept
 /// losses (float64, added in row order). Accepts float32 and float64 logits.
-/// With `eager_grad` (optional, see trimmed_cross_entropy_eager_available) the row pass also writes
-/// exp(x − row_max) of every valid row into it, so that the backward pass needs no second read of the logits and no
-/// second exp (trimmed_cross_entropy_backward_eager_cpu).
+/// With `eager_grad` (optional, see trimmed_cross_entropy_eager_available) the row pass also writes into it the
+/// gradient for a unit upstream gradient, (softmax − onehot) · eager_factor on the kept rows and 0 on the others,
+/// each row while it is still in cache: no second read of the logits and no second exp; the backward pass is then
+/// nothing for an upstream gradient of 1, else one scaling pass (trimmed_cross_entropy_backward_eager_cpu).
 double trimmed_cross_entropy_forward_cpu(const LogitsView& logits,  // [B, C, P]
                                          const int64_t* target,     // [B·P]
                                          int64_t ignore_index, int64_t k, TrimRows rows,
-                                         const LogitsView* eager_grad = nullptr);  // [B, C, P] or null
+                                         const LogitsView* eager_grad = nullptr,  // [B, C, P] or null
+                                         double eager_factor = 1.0);
 
-/// Whether the forward pass can fill `grad` eagerly (float32 logits and gradient with unit class stride, AVX2 build).
+/// Whether the forward pass can fill `grad` eagerly (float32 logits and gradient with unit class stride, more than 16
+/// classes, AVX2 build).
 bool trimmed_cross_entropy_eager_available(const LogitsView& logits, const LogitsView& grad);
 
-/// Finishes an eagerly filled gradient in place: kept rows (exp(x − max) · exp(−log_sum) − onehot) · factor · scale,
-/// other rows 0.
-void trimmed_cross_entropy_backward_eager_cpu(const int64_t* target,  // [B·P]
-                                              const TrimRows& rows,   // log_sum, keep read
+/// Scales an eagerly written gradient in place: kept rows times factor · scale[r · scale_stride] (nothing to do when
+/// that is one value equal to 1).
+void trimmed_cross_entropy_backward_eager_cpu(const TrimRows& rows,  // keep read
                                               const double* scale, int64_t scale_stride, double factor,
                                               const LogitsView& grad);  // [B, C, P] float32, in place
 

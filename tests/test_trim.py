@@ -273,26 +273,51 @@ def test_gradcheck(reduction, shape):
     assert torch.autograd.gradcheck(lambda a: trimmed_cross_entropy(a, t, 0.3, reduction=reduction), (x,))
 
 
-@pytest.mark.parametrize("shape", [(200, 37), (64, 1100), (30, 6, 4)])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_eager_gradient_matches_default(monkeypatch, shape, reduction):
+@pytest.mark.parametrize("shape", [(200, 37), (64, 1100), (30, 6, 4), (50, 17), (40, 16)])
+@pytest.mark.parametrize(("reduction", "gout"), [("mean", None), ("mean", -3.5), ("sum", None), ("none", "rand")])
+def test_eager_gradient_matches_default(monkeypatch, shape, reduction, gout):
+    # EAGER_GRADIENT (on by default): the forward pass writes the gradient (float32, unit class stride, C > 16).
     import poisonguard.torch.trim as trim_mod
 
     g = torch.Generator().manual_seed(16)
     x = torch.randn(*shape, generator=g) * 3
     t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
     t.view(-1)[::9] = -100
-    gout = None if reduction == "mean" else torch.rand(t.shape, generator=g)
-    v0, g0, k0 = run(x, t, 0.3, reduction, grad_out=gout)
-    monkeypatch.setattr(trim_mod, "EAGER_GRADIENT", True)
+    if gout == "rand":
+        gout = torch.rand(t.shape, generator=g)
+    elif gout is not None:
+        gout = torch.tensor(gout)
+    assert trim_mod.EAGER_GRADIENT
     v1, g1, k1 = run(x, t, 0.3, reduction, grad_out=gout)
+    monkeypatch.setattr(trim_mod, "EAGER_GRADIENT", False)
+    v0, g0, k0 = run(x, t, 0.3, reduction, grad_out=gout)
     assert torch.equal(v0, v1) and torch.equal(k0, k1)
     assert rel(g1, g0.numpy()) <= 1e-6
+    assert (g1.movedim(1, -1)[~k1] == 0).all()  # dropped and ignored rows
+    check(x, t, 0.3, "float32", reduction)
+    eager_kernel = len(shape) == 2 and shape[1] > 16  # [B, C, d]: class stride d; C <= 16: 8-row kernel
     state, *_ = trimmed_cross_entropy_forward(x, t, 0.3, eager_grad=True)
-    assert (state.grad is not None) == (len(shape) == 2)  # [B, C, d] has a class stride of d: default path
+    assert (state.grad is not None) == eager_kernel
+    monkeypatch.setattr(trim_mod, "EAGER_GRADIENT", True)
     with torch.no_grad():  # no gradient needed: the default forward runs
-        monkeypatch.setattr(trim_mod, "EAGER_GRADIENT", True)
         assert torch.equal(trimmed_cross_entropy(x, t, 0.3, reduction=reduction), v0)
+
+
+def test_eager_gradient_backward_twice_and_mask_only():
+    # retain_graph: the eager buffer is handed out once, the second backward computes the gradient again.
+    g = torch.Generator().manual_seed(17)
+    x = (torch.randn(70, 40, generator=g) * 2).requires_grad_(True)
+    t = torch.randint(0, 40, (70,), generator=g)
+    loss = trimmed_cross_entropy(x, t, 0.2)
+    loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    loss.backward()
+    assert rel(x.grad, 2 * once.numpy()) <= 1e-6
+    x.grad = None
+    out, keep = trimmed_cross_entropy(x, t, 0.2, return_kept=True)
+    assert not keep.requires_grad and out.requires_grad
+    (out * 0.5).backward()
+    assert rel(x.grad, 0.5 * once.numpy()) <= 1e-6
 
 
 def test_deterministic_and_thread_independent():

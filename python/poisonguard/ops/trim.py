@@ -52,8 +52,8 @@ class TrimState:
     ``loss`` ``[n]`` float64 per-row cross-entropy (0 for ignored rows); ``keep`` ``[n]`` bool; ``total`` the sum of
     the kept losses (a float, or a 0-d float64 tensor on CUDA); ``k`` kept rows of ``n_valid`` valid ones;
     ``row_max``, ``log_sum`` ``[n]`` float64, the softmax of row r being ``exp(x − row_max[r] − log_sum[r])``;
-    ``grad``: the ``[B, C, P]`` gradient buffer already holding ``exp(x − row_max)`` when the forward pass was asked
-    for an eager gradient and could provide one, else None.
+    ``grad``: the ``[B, C, P]`` gradient for a unit upstream gradient, ``(softmax − onehot) · grad_factor`` on the
+    kept rows and 0 elsewhere, when the forward pass was asked for an eager gradient and could provide one, else None.
     """
 
     loss: Any
@@ -64,6 +64,7 @@ class TrimState:
     row_max: Any
     log_sum: Any
     grad: Any = None
+    grad_factor: float = 1.0
 
 
 def _as_rows(logits: Any) -> tuple[Any, tuple[int, ...]]:
@@ -140,6 +141,8 @@ def _count_valid(t: Any, n_classes: int, ignore_index: int) -> int:
                 f"outside, first {int(t[i])} at row {i}"
             )
         return int(n_valid)
+    if t.size and t.min() >= 0 and t.max() < n_classes:  # the common case, in two reductions
+        return int(t.size - np.count_nonzero(t == ignore_index)) if 0 <= ignore_index < n_classes else int(t.size)
     valid = t != ignore_index
     bad = valid & ((t < 0) | (t >= n_classes))
     if bad.any():
@@ -188,7 +191,13 @@ def _stream(t: Any) -> int:  # pragma: no cover - needs a GPU
 
 
 def trimmed_cross_entropy_forward(
-    logits: Any, target: Any, trim: float = 0.1, *, ignore_index: int = -100, eager_grad: bool = False
+    logits: Any,
+    target: Any,
+    trim: float = 0.1,
+    *,
+    ignore_index: int = -100,
+    eager_grad: bool = False,
+    eager_mean: bool = False,
 ) -> tuple[TrimState, Any, Any, tuple[int, ...]]:
     """Forward pass of the trimmed cross-entropy.
 
@@ -200,9 +209,12 @@ def trimmed_cross_entropy_forward(
     target : integer class indices ``[B]`` or ``[B, d1, ...]`` (numpy or torch on the logits' device), each in
         ``[0, C)`` or equal to ``ignore_index``.
     trim : share of the valid rows to drop, in ``[0, 1)``.
-    eager_grad : on the CPU, for float32 logits with unit class stride, also write ``exp(x − row_max)`` into a new
-        gradient buffer during the forward pass (``state.grad``), which the backward pass then finishes in place
-        without reading the logits again ("fused" forward + backward). Ignored where unavailable.
+    eager_grad : on the CPU, for float32 logits with unit class stride and more than 16 classes, also write the
+        gradient for a unit upstream gradient into a new buffer (``state.grad``), each row while it is in cache: one
+        read of the logits and one exp per element in all ("fused" forward + backward);
+        :func:`trimmed_cross_entropy_backward` then returns it as it is (upstream gradient 1) or scales it in place.
+        Ignored where unavailable.
+    eager_mean : the eager gradient is that of the mean of the kept losses (factor ``1/k``), not of their sum.
 
     Returns
     -------
@@ -236,7 +248,10 @@ def trimmed_cross_entropy_forward(
     n_valid = _count_valid(t_np, n_classes, ignore_index)
     k = keep_count(n_valid, trim)
     grad = np.empty_like(arr) if eager_grad and arr.dtype == np.float32 and arr.strides[1] == 4 else None
-    total, loss, row_max, log_sum, keep, eager = _core.trimmed_cross_entropy_forward(arr, t_np, ignore_index, k, grad)
+    grad_factor = 1.0 / k if eager_mean and k else 1.0
+    total, loss, row_max, log_sum, keep, eager = _core.trimmed_cross_entropy_forward(
+        arr, t_np, ignore_index, k, grad, grad_factor
+    )
     grad = grad if eager else None
     keep = keep.view(np.bool_)
     if is_torch_tensor(logits):
@@ -246,7 +261,15 @@ def trimmed_cross_entropy_forward(
         keep = torch.from_numpy(keep)
         grad = None if grad is None else torch.from_numpy(grad)
     state = TrimState(
-        loss=loss, keep=keep, total=float(total), k=k, n_valid=n_valid, row_max=row_max, log_sum=log_sum, grad=grad
+        loss=loss,
+        keep=keep,
+        total=float(total),
+        k=k,
+        n_valid=n_valid,
+        row_max=row_max,
+        log_sum=log_sum,
+        grad=grad,
+        grad_factor=grad_factor,
     )
     return state, x3, t, row_shape
 
@@ -322,10 +345,10 @@ def trimmed_cross_entropy_backward(x3: Any, t: Any, state: TrimState, scale: Any
     s = np.ascontiguousarray(as_np(scale) if is_torch_tensor(scale) else scale, dtype=np.float64).reshape(-1)
     t_np = t.numpy() if is_torch_tensor(t) else t
     keep = as_np(state.keep).view(np.uint8)
-    if state.grad is not None:  # filled by the forward pass: finished in place (it can be used once)
+    if state.grad is not None:  # written by the forward pass: scaled in place if needed (it can be used once)
         grad = as_np(state.grad)
         state.grad = None
-        _core.trimmed_cross_entropy_backward_eager(t_np, as_np(state.log_sum), keep, s, float(factor), grad)
+        _core.trimmed_cross_entropy_backward_eager(keep, s, float(factor) / state.grad_factor, grad)
     else:
         grad = np.empty_like(arr)
         _core.trimmed_cross_entropy_backward(

@@ -27,11 +27,12 @@ from torch.autograd.function import once_differentiable
 from ..ops.trim import check_trim, keep_count, trimmed_cross_entropy_backward, trimmed_cross_entropy_forward
 
 _REDUCTIONS = ("mean", "sum", "none")
-# Fill the gradient in the forward pass when the logits need one (CPU, float32, unit class stride): one read of the
-# logits and one exp per element instead of two, for a read + write of the gradient more. Off by default: no
-# consistent difference was measured (bench/RESULTS_trim.md), and it holds the [n, C] gradient from the forward pass
-# to the backward pass.
-EAGER_GRADIENT = False
+# Write the gradient in the forward pass when the logits need one (CPU, float32, unit class stride, more than 16
+# classes): each row's (softmax − onehot) / k is written while the row is in cache, so the logits are read and
+# exponentiated once in all, and the backward pass has nothing left to do for an upstream gradient of 1 (one scaling
+# pass otherwise). The cost: the [n, C] gradient exists from the forward pass on, and is computed even if no backward
+# pass follows. False: the backward pass computes it from the logits (a second read and exp).
+EAGER_GRADIENT = True
 
 
 def _check_reduction(reduction: Any) -> str:
@@ -43,12 +44,16 @@ def _check_reduction(reduction: Any) -> str:
 class _TrimmedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, trim, reduction, ignore_index):  # type: ignore[override]
+        # No zero-filled gradient for the bool mask output (n elements, filled by torch's thread pool at each
+        # backward call): backward receives None for it.
+        ctx.set_materialize_grads(False)
         eager = EAGER_GRADIENT and ctx.needs_input_grad[0]
         state, x3, t, row_shape = trimmed_cross_entropy_forward(
-            logits, target, trim, ignore_index=ignore_index, eager_grad=eager
+            logits, target, trim, ignore_index=ignore_index, eager_grad=eager, eager_mean=reduction == "mean"
         )
         ctx.save_for_backward(x3, t, state.row_max, state.log_sum, state.keep)
-        ctx.eager = state.grad  # an intermediate buffer, finished in place by backward (or None)
+        ctx.eager = state.grad  # the gradient for an upstream gradient of 1, returned by backward (or None)
+        ctx.grad_factor = state.grad_factor
         ctx.k = state.k
         ctx.reduction = reduction
         ctx.shape = tuple(logits.shape)
@@ -56,6 +61,9 @@ class _TrimmedCrossEntropy(torch.autograd.Function):
         if reduction == "none":
             out = torch.where(state.keep, state.loss, torch.zeros((), dtype=torch.float64, device=state.loss.device))
             out = out.to(logits.dtype).view(row_shape)
+        elif isinstance(state.total, float):  # CPU: one tensor made from the float64 value
+            value = state.total if reduction == "sum" else (state.total / state.k if state.k else 0.0)
+            out = torch.tensor(value, dtype=logits.dtype)
         else:
             total = torch.as_tensor(state.total, dtype=torch.float64, device=logits.device)
             if reduction == "mean":
@@ -67,15 +75,27 @@ class _TrimmedCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_keep):  # type: ignore[override]
+        eager, ctx.eager = ctx.eager, None  # the eager gradient is handed out once
+        if grad_out is None:  # only the mask was used downstream: no gradient
+            return None, None, None, None, None
+        factor = (1.0 / ctx.k if ctx.k else 0.0) if ctx.reduction == "mean" else 1.0
+        if eager is not None and grad_out.dim() == 0 and factor / ctx.grad_factor * float(grad_out) == 1.0:
+            return eager.view(ctx.shape), None, None, None, None  # written for exactly this upstream gradient
         x3, t, row_max, log_sum, keep = ctx.saved_tensors
         from ..ops.trim import TrimState
 
         state = TrimState(
-            loss=None, keep=keep, total=None, k=ctx.k, n_valid=-1, row_max=row_max, log_sum=log_sum, grad=ctx.eager
+            loss=None,
+            keep=keep,
+            total=None,
+            k=ctx.k,
+            n_valid=-1,
+            row_max=row_max,
+            log_sum=log_sum,
+            grad=eager,
+            grad_factor=ctx.grad_factor,
         )
-        ctx.eager = None
         scale = grad_out.detach().reshape(-1).to(torch.float64)
-        factor = (1.0 / ctx.k if ctx.k else 0.0) if ctx.reduction == "mean" else 1.0
         grad = trimmed_cross_entropy_backward(x3, t, state, scale, factor)
         return grad.view(ctx.shape), None, None, None, None
 
@@ -102,9 +122,11 @@ def trimmed_cross_entropy(
     return_kept : also return the bool mask of kept rows (shape of ``target``).
 
     The gradient is ``(softmax − onehot) · grad_output / k`` on the kept rows ("mean") and exactly 0 on the others,
-    written in one pass into a tensor like ``logits``; nothing of size ``[n, C]`` is allocated besides it. Its value
-    and gradient match ``F.cross_entropy(reduction="none")`` + selection of the k smallest + mean. Only first
-    derivatives are supported. On CUDA, validating the targets synchronises once with the host.
+    written in one pass into a tensor like ``logits``; nothing of size ``[n, C]`` is allocated besides it. On the CPU
+    (float32, unit class stride, more than 16 classes) it is written by the forward pass when ``logits`` requires a
+    gradient (see ``EAGER_GRADIENT``). Its value and gradient match ``F.cross_entropy(reduction="none")`` + selection
+    of the k smallest + mean. Only first derivatives are supported. On CUDA, validating the targets synchronises once
+    with the host.
     """
     check_trim(trim)
     _check_reduction(reduction)
