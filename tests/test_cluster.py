@@ -294,7 +294,7 @@ def test_input_kinds(kind, tmp_path):
 
 @pytest.mark.parametrize("index", ["kdtree", "flat"])
 def test_degenerate_inputs(index, monkeypatch):
-    monkeypatch.setattr(density_mod, "_KDTREE_MAX_DIM", 16 if index == "kdtree" else 0)  # what "auto" picks
+    monkeypatch.setattr(density_mod, "_KDTREE_MAX_DIM", 32 if index == "kdtree" else 0)  # what "auto" picks
     # n = 0
     dc = DensityClustering(eps=1.0).fit(np.zeros((0, 3), np.float32))
     assert dc.labels_.shape == (0,) and dc.n_clusters_ == 0 and dc.report()["n_noise"] == 0

@@ -1,4 +1,4 @@
-"""Density clustering of activations: DBSCAN in memory (an exact kd-tree in ``_core`` for d <= 16, FAISS neighbour
+"""Density clustering of activations: DBSCAN in memory (an exact kd-tree in ``_core`` for d <= 32, FAISS neighbour
 search above) and out of core (FAISS k-means cells).
 
 FAISS is an optional dependency (``pip install faiss-cpu`` or ``pip install poisonguard[faiss]``); this package

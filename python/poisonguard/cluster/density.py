@@ -1,7 +1,7 @@
 """DBSCAN with FAISS neighbour search, in memory and out of core.
 
 In memory (``mode="memory"``), the result is DBSCAN's (same partition as ``sklearn.cluster.DBSCAN`` up to
-floating-point ties at distance exactly ``eps``). For low dimensions (``index="kdtree"``, the default for d <= 16) the
+floating-point ties at distance exactly ``eps``). For low dimensions (``index="kdtree"``, the default for d <= 32) the
 whole of DBSCAN runs in ``_core`` on a kd-tree, exact (see ``csrc/cpu/dbscan_cpu.cpp``) and without FAISS. Otherwise,
 with FAISS:
 
@@ -40,8 +40,9 @@ _BLOCK_PAIRS = 1 << 23
 _KEEP_PAIRS = 1 << 25
 # Rows of the sample the k-distance curve is read on when eps=None.
 _KDIST_SAMPLE = 20_000
-# index="auto" takes the exact kd-tree up to this many dimensions (beyond, boxes prune too little).
-_KDTREE_MAX_DIM = 16
+# index="auto" takes the exact kd-tree up to this many dimensions: on clustered data it is exact and 3-14x faster than
+# IVF up to 32 (bench/RESULTS.md); beyond, boxes prune too little and it nears a brute-force scan.
+_KDTREE_MAX_DIM = 32
 # kd-tree leaf rows: leaves are scanned with vectorised distances, so large leaves beat a deep tree at d ~ 10.
 _KDTREE_LEAF = 128
 
@@ -82,7 +83,7 @@ class DensityClustering:
         Neighbour search. ``"kdtree"``: exact, in ``_core`` (no FAISS needed unless ``eps=None``), fast for low d.
         ``"flat"``: FAISS, exact. ``"ivf"``: IndexIVFFlat, approximate (a neighbour in a cell that is not
         probed is missed, so a few rows may turn noise or clusters split); ``nlist = 4 sqrt(n)`` cells, ``nprobe``
-        probed (default ``max(16, nlist // 64)``). ``"auto"``: kdtree for d <= 16 (L2 or cosine), else flat up to 50 000
+        probed (default ``max(16, nlist // 64)``). ``"auto"``: kdtree for d <= 32 (L2 or cosine), else flat up to 50 000
         rows and IVF above. With faiss-gpu and a
         GPU (``faiss.get_num_gpus()``) the k-NN step of a flat index runs on the GPU; FAISS has no GPU range search,
         so those stay on the CPU.
