@@ -1,7 +1,8 @@
-"""DensityClustering (DBSCAN on FAISS): in memory against scikit-learn's DBSCAN (agreement and speed, same run), and
+"""DensityClustering (DBSCAN: kd-tree in _core, FAISS): in memory against scikit-learn's DBSCAN (agreement, speed), and
 out of core over a memory-mapped .npy (peak RSS, rows/s, agreement with the in-memory result on a subset).
 
     python bench/bench_density.py --part memory --rows 200000 --dim 10 --eps 2.0 --min-samples 10
+    python bench/bench_density.py --part dims --rows 100000                       # kd-tree vs IVF, d = 8 ... 64
     python bench/bench_density.py --part generate --rows 100000000 --dim 16      # writes bench/data/gm_<rows>x16.npy
     python bench/bench_density.py --part stream --path bench/data/gm_100000000x16.npy --eps 2.0 --min-samples 1000 \
         --subset 1000000
@@ -94,6 +95,30 @@ def part_memory(args: argparse.Namespace) -> None:
     size = f"{n}x{d} eps{eps} ms{ms}"
     record("dbscan_memory", size, "poisonguard", t_ours, f"ARI {a:.4f} {dc.index_['kind']}")
     record("dbscan_memory", size, "sklearn", {"median": t_sk, "p20": t_sk, "p80": t_sk}, f"ratio {ratio:.1f}")
+
+
+# -- index choice by dimension -----------------------------------------------------------------------------------------
+def part_dims(args: argparse.Namespace) -> None:
+    """The exact kd-tree against FAISS IVF (the previous default above 50 000 rows) at growing d, same data, same run:
+    where index="auto" should switch."""
+    n = args.rows
+    print(f"\n## kd-tree vs IVF by dimension: float32 [{n}, d], 20 clusters (spread 0.5) + 5 % uniform, min_samples 10")
+    print("   d   eps   kdtree s   ivf s   ivf/kdtree   ARI(ivf vs exact)   noise kdtree / ivf")
+    for d in (8, 16, 24, 32, 48, 64):
+        eps = round(2.0 * (d / 16) ** 0.5, 2)
+        x = mixture(np.random.default_rng(1), n, d, centres_for(d, args.centers), 0.5)
+        res = {}
+        for idx in ("kdtree", "ivf"):
+            t0 = time.perf_counter()
+            dc = pg.DensityClustering(eps=eps, min_samples=10, index=idx).fit(x)
+            res[idx] = (time.perf_counter() - t0, dc)
+        (tk, k), (ti, i) = res["kdtree"], res["ivf"]
+        print(
+            f"{d:4d} {eps:5.2f} {tk:10.2f} {ti:7.2f} {ti / tk:12.1f} {ari(k.labels_, i.labels_):19.4f}   "
+            f"{k.n_noise_} / {i.n_noise_}"
+        )
+        record("dbscan_dims", f"{n}x{d} eps{eps}", "kdtree", {"median": tk, "p20": tk, "p80": tk}, "exact")
+        record("dbscan_dims", f"{n}x{d} eps{eps}", "ivf", {"median": ti, "p20": ti, "p80": ti}, f"x{ti / tk:.1f}")
 
 
 # -- data --------------------------------------------------------------------------------------------------------------
@@ -207,7 +232,7 @@ def part_stream(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["memory", "generate", "stream"], default="memory")
+    p.add_argument("--part", choices=["memory", "dims", "generate", "stream"], default="memory")
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--dim", type=int, default=10)
     p.add_argument("--centers", type=int, default=20)
@@ -227,7 +252,7 @@ def main() -> None:
         _stream_child(args)
         return
     header("DensityClustering")
-    {"memory": part_memory, "generate": part_generate, "stream": part_stream}[args.part](args)
+    {"memory": part_memory, "dims": part_dims, "generate": part_generate, "stream": part_stream}[args.part](args)
 
 
 if __name__ == "__main__":
