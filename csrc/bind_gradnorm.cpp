@@ -60,6 +60,23 @@ void* grad_weight_out(py::array& out, pg::DType dt, int64_t d_out, int64_t d_in)
   return pg_bind::mutable_data<float>(out, "grad_weight", {d_out, d_in});
 }
 
+// A C-contiguous input array of n elements of type T.
+template <typename T>
+const T* contiguous_in(const py::array& a, const char* name, int64_t n) {
+  PG_CHECK_TYPE(a.dtype().is(py::dtype::of<T>()), name, " has the wrong dtype ", std::string(py::str(a.dtype())));
+  PG_CHECK(a.flags() & py::array::c_style, name, " must be C-contiguous");
+  PG_CHECK(a.size() == n, name, " has ", a.size(), " elements, expected ", n);
+  return static_cast<const T*>(a.data());
+}
+
+// An optional vector output [n] in the compute type of `dt` (float32, or float64 for float64); `keep` holds the array.
+void* vector_out(const py::object& out, py::array& keep, pg::DType dt, int64_t n, const char* name) {
+  if (out.is_none()) return nullptr;
+  keep = out.cast<py::array>();
+  if (dt == pg::DType::float64) return pg_bind::mutable_data<double>(keep, name, {n});
+  return pg_bind::mutable_data<float>(keep, name, {n});
+}
+
 }  // namespace
 
 void pg_bind_gradnorm(py::module_& m) {
@@ -106,24 +123,27 @@ void pg_bind_gradnorm(py::module_& m) {
   m.def(
       "gradnorm_linear_bk",
       [](const py::array& a, const py::array& g, py::array grad_weight, py::array weight_sq, const py::object& bias_sq,
-         bool bf16) {
+         bool bf16, const py::object& grad_bias) {
         pg::BatchView av = host_batch(a, bf16, "a");
         pg::BatchView gv = host_batch(g, bf16, "g");
         double* w = pg_bind::mutable_data<double>(weight_sq, "weight_sq", {av.batch});
         double* bsq = optional_out(bias_sq, av.batch);
         void* gw = grad_weight_out(grad_weight, av.dtype, gv.cols, av.cols);
+        py::array gb_arr;
+        void* gb = vector_out(grad_bias, gb_arr, av.dtype, gv.cols, "grad_bias");
         py::gil_scoped_release nogil;
-        pg::gradnorm_linear_bk_cpu(av, gv, w, bsq, gw);
+        pg::gradnorm_linear_bk_cpu(av, gv, w, bsq, gw, gb);
       },
       py::arg("a"), py::arg("g"), py::arg("grad_weight"), py::arg("weight_sq"), py::arg("bias_sq") = py::none(),
-      py::arg("bf16") = false,
+      py::arg("bf16") = false, py::arg("grad_bias") = py::none(),
       "Book-keeping form: per-sample ‖G_bᵀ A_b‖_F² into weight_sq [B] (and ‖Σ_t g_t‖² into bias_sq unless None) and "
-      "Σ_b G_bᵀ A_b into grad_weight [d_out, d_in] (C-contiguous, float32 or float64 for float64 input).");
+      "Σ_b G_bᵀ A_b into grad_weight [d_out, d_in] (C-contiguous, float32 or float64 for float64 input); the bias "
+      "gradient Σ_b Σ_t g_t into grad_bias [d_out] (same dtype) unless None.");
 
   m.def(
       "gradnorm_conv_bk",
       [](const py::array& x, const py::array& g, const py::tuple& geometry, py::array grad_weight, py::array weight_sq,
-         const py::object& bias_sq, bool bf16) {
+         const py::object& bias_sq, bool bf16, const py::object& grad_bias) {
         PG_CHECK(x.ndim() == 4, "x must be 4-D [B, C, H, W], got ", x.ndim(), " dimension(s)");
         PG_CHECK(geometry.size() == 11,
                  "geometry is (kh, kw, sh, sw, dh, dw, pad_h, pad_w, out_h, out_w, groups), got ", geometry.size(),
@@ -148,14 +168,63 @@ void pg_bind_gradnorm(py::module_& m) {
         double* w = pg_bind::mutable_data<double>(weight_sq, "weight_sq", {xv.batch});
         double* bsq = optional_out(bias_sq, xv.batch);
         void* gw = grad_weight_out(grad_weight, xv.dtype, gv.cols, xv.channels / xv.groups * xv.kernel_h * xv.kernel_w);
+        py::array gb_arr;
+        void* gb = vector_out(grad_bias, gb_arr, xv.dtype, gv.cols, "grad_bias");
         py::gil_scoped_release nogil;
-        pg::gradnorm_conv_bk_cpu(xv, gv, w, bsq, gw);
+        pg::gradnorm_conv_bk_cpu(xv, gv, w, bsq, gw, gb);
       },
       py::arg("x"), py::arg("g"), py::arg("geometry"), py::arg("grad_weight"), py::arg("weight_sq"),
-      py::arg("bias_sq") = py::none(), py::arg("bf16") = false,
+      py::arg("bias_sq") = py::none(), py::arg("bf16") = false, py::arg("grad_bias") = py::none(),
       "Book-keeping form of a convolution: x [B, C, H, W] (host, strided), g [B, L, C_out], geometry (kh, kw, sh, sw, "
       "dh, dw, pad_h, pad_w, out_h, out_w, groups); per-sample squared norms into weight_sq (and bias_sq unless None) "
-      "and the weight gradient into grad_weight [C_out, C/groups·kh·kw].");
+      "and the weight gradient into grad_weight [C_out, C/groups·kh·kw] (the bias gradient into grad_bias [C_out] "
+      "unless "
+      "None).");
+
+  m.def(
+      "gradnorm_layernorm",
+      [](const py::array& x, const py::array& g, const py::array& mean, const py::array& rstd,
+         const py::object& weight_sq, const py::object& bias_sq, const py::object& grad_weight,
+         const py::object& grad_bias, bool bf16) {
+        pg::BatchView xv = host_batch(x, bf16, "x");
+        pg::BatchView gv = host_batch(g, bf16, "g");
+        PG_CHECK(xv.batch == gv.batch && xv.rows == gv.rows && xv.cols == gv.cols, "x and g must have the same shape");
+        const int64_t rows = xv.batch * xv.rows;
+        const bool wide = xv.dtype == pg::DType::float64;
+        const void *mp = nullptr, *rp = nullptr;
+        if (wide) {
+          mp = contiguous_in<double>(mean, "mean", rows);
+          rp = contiguous_in<double>(rstd, "rstd", rows);
+        } else {
+          mp = contiguous_in<float>(mean, "mean", rows);
+          rp = contiguous_in<float>(rstd, "rstd", rows);
+        }
+        double* w = optional_out(weight_sq, xv.batch);
+        double* bsq = optional_out(bias_sq, xv.batch);
+        py::array gw_arr, gb_arr;
+        void* gw = vector_out(grad_weight, gw_arr, xv.dtype, xv.cols, "grad_weight");
+        void* gb = vector_out(grad_bias, gb_arr, xv.dtype, xv.cols, "grad_bias");
+        py::gil_scoped_release nogil;
+        pg::gradnorm_layernorm_cpu(xv, gv, mp, rp, w, bsq, gw, gb);
+      },
+      py::arg("x"), py::arg("g"), py::arg("mean"), py::arg("rstd"), py::arg("weight_sq"), py::arg("bias_sq"),
+      py::arg("grad_weight"), py::arg("grad_bias"), py::arg("bf16") = false,
+      "LayerNorm affine gradients: x and g [B, T, N] (host, strided), mean and rstd (B·T values, contiguous, float32 "
+      "or float64 for float64 input); per-sample ‖Σ_t g⊙x̂‖² and ‖Σ_t g‖² into weight_sq / bias_sq [B] float64, their "
+      "batch sums into grad_weight / grad_bias [N]; any output may be None.");
+
+  m.def(
+      "gradnorm_embedding",
+      [](const py::array& idx, const py::array& g, int64_t padding_idx, py::array out, bool bf16) {
+        pg::BatchView gv = host_batch(g, bf16, "g");
+        const int64_t* ip = contiguous_in<int64_t>(idx, "idx", gv.batch * gv.rows);
+        double* o = pg_bind::mutable_data<double>(out, "out", {gv.batch});
+        py::gil_scoped_release nogil;
+        pg::gradnorm_embedding_cpu(ip, gv, padding_idx, o);
+      },
+      py::arg("idx"), py::arg("g"), py::arg("padding_idx"), py::arg("out"), py::arg("bf16") = false,
+      "Per-sample squared norm of an Embedding's weight gradient: idx [B, T] int64 (contiguous), g [B, T, N] (host, "
+      "strided); rows of one id summed before squaring, padding_idx (-1: none) skipped; into out [B] float64.");
 
   m.def(
       "gradnorm_linear_cuda",

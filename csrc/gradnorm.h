@@ -94,18 +94,33 @@ struct ConvInputView {
 /// Book-keeping form of the direct method: each sample's weight gradient M_b = G_bᵀ A_b is built tile by tile as in
 /// the direct form, squared into weight_sq [B] (float64) AND summed over the batch into grad_weight [d_out, d_in]
 /// (contiguous, the compute type: float32 for float16/bfloat16/float32 input, float64 for float64), which is the
-/// layer's weight gradient Σ_b G_bᵀ A_b, so that the caller need not compute it again. bias_sq as above (or null).
+/// layer's weight gradient Σ_b G_bᵀ A_b, so that the caller need not compute it again. bias_sq as above (or null);
+/// grad_bias (or null) receives the bias gradient Σ_b Σ_t g_t [d_out] in the compute type (summed in float64).
 /// The sum over samples runs in a per-thread accumulator per range of samples, the ranges added in order at the end.
-void gradnorm_linear_bk_cpu(const BatchView& a,  // [B, T, d_in]
-                            const BatchView& g,  // [B, T, d_out]
-                            double* weight_sq,   // [B]
-                            double* bias_sq,     // [B] or nullptr
-                            void* grad_weight);  // [d_out, d_in]
+void gradnorm_linear_bk_cpu(const BatchView& a,          // [B, T, d_in]
+                            const BatchView& g,          // [B, T, d_out]
+                            double* weight_sq,           // [B]
+                            double* bias_sq,             // [B] or nullptr
+                            void* grad_weight,           // [d_out, d_in]
+                            void* grad_bias = nullptr);  // [d_out] or nullptr
 
 /// Same for a convolution: x its input (with its geometry), g the output gradient [B, L, C_out] (any strides; a
 /// contiguous [B, C_out, L] seen transposed), grad_weight [C_out, C/groups·kh·kw] in the compute type.
 void gradnorm_conv_bk_cpu(const ConvInputView& x, const BatchView& g, double* weight_sq, double* bias_sq,
-                          void* grad_weight);
+                          void* grad_weight, void* grad_bias = nullptr);
+
+/// Per-sample affine gradients of a LayerNorm over the last N features: x its input and g its output gradient, both
+/// [B, T, N] (any strides, one dtype), mean and rstd [B·T] contiguous in the compute type (what
+/// torch.native_layer_norm returns). For sample b, ‖Σ_t g_t ⊙ x̂_t‖² into weight_sq and ‖Σ_t g_t‖² into bias_sq
+/// (x̂_t = (x_t − mean_t)·rstd_t), and their sums over the batch into grad_weight / grad_bias [N] (compute type), the
+/// layer's affine gradients; any output may be null.
+void gradnorm_layernorm_cpu(const BatchView& x, const BatchView& g, const void* mean, const void* rstd,
+                            double* weight_sq, double* bias_sq, void* grad_weight, void* grad_bias);
+
+/// Per-sample squared norms of an Embedding's weight gradient: idx [B, T] contiguous token ids, g [B, T, N] the output
+/// gradient; the rows of one id within a sample are summed before squaring; ids equal to padding_idx (−1: none) are
+/// skipped. out [B] float64.
+void gradnorm_embedding_cpu(const int64_t* idx, const BatchView& g, int64_t padding_idx, double* out);
 
 /// Same on device memory, enqueued on `stream` (a cudaStream_t as an integer); never synchronises.
 void gradnorm_linear_cuda(const BatchView& a,  // [B, T, d_in] device

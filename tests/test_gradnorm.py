@@ -359,11 +359,16 @@ def _swapped(model):
 
 
 def test_tracker_hooks_and_forwards_removed_on_exit_and_exception():
-    model, x, y = _models()["seq_linear"]  # two Linear (forward swapped) and a LayerNorm (forward hook)
+    model, x, y = _models()["seq_linear"]  # two Linear and a LayerNorm (forwards swapped)
     before = _hook_count(model)
     with GradNormTracker(model):
-        assert _hook_count(model) == before + 1 and _swapped(model) == 2
+        assert _hook_count(model) == before and _swapped(model) == 3
     assert _hook_count(model) == before and _swapped(model) == 0
+    cnn = _models()["cnn"][0]  # convolutions (swapped) and a GroupNorm (forward hook)
+    before_cnn = _hook_count(cnn)
+    with GradNormTracker(cnn):
+        assert _hook_count(cnn) == before_cnn + 1
+    assert _hook_count(cnn) == before_cnn and _swapped(cnn) == 0
     with pytest.raises(RuntimeError, match="boom"), GradNormTracker(model):
         model(x)
         raise RuntimeError("boom")

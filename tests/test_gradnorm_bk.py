@@ -8,7 +8,12 @@ import pytest
 from conftest import ALL_INPUTS, INPUT_IDS, make_input, to_float64
 from poisonguard._reference import _linear_grad_sqnorms
 from poisonguard.ops import gradnorm_method
-from poisonguard.ops.gradnorm import conv_grad_bookkeeping, linear_grad_bookkeeping
+from poisonguard.ops.gradnorm import (
+    conv_grad_bookkeeping,
+    embedding_grad_sqnorms,
+    layer_norm_grad_sqnorms,
+    linear_grad_bookkeeping,
+)
 
 torch = pytest.importorskip("torch")
 from poisonguard.torch import GradNormTracker  # noqa: E402
@@ -140,6 +145,64 @@ def test_conv_bookkeeping_numpy_and_errors(rng):
         conv_grad_bookkeeping(x, g, kernel_size=(3, 3, 3))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_bookkeeping_bias_grad(rng, dtype):
+    a = rng.standard_normal((5, 7, 6)).astype(dtype)
+    g = rng.standard_normal((5, 7, 4)).astype(dtype)
+    w, bsq, grad, gb = linear_grad_bookkeeping(torch.from_numpy(a), torch.from_numpy(g), bias=True, bias_grad=True)
+    w3, _, grad3 = linear_grad_bookkeeping(torch.from_numpy(a), torch.from_numpy(g))  # the 3-tuple form
+    assert torch.equal(w, w3) and torch.equal(grad, grad3)
+    assert gb.dtype == grad.dtype and tuple(gb.shape) == (4,)
+    assert _rel(gb, g.astype(np.float64).sum((0, 1))) <= GTOL[dtype]
+    assert _max_rel(bsq, (g.astype(np.float64).sum(1) ** 2).sum(1)) <= GTOL[dtype]
+    x = rng.standard_normal((3, 2, 6, 6)).astype(dtype)
+    gc = rng.standard_normal((3, 4, 3, 3)).astype(dtype)
+    *_, gbc = conv_grad_bookkeeping(x, gc, kernel_size=3, stride=2, padding=1, bias=True, bias_grad=True)
+    assert _rel(gbc, gc.astype(np.float64).sum((0, 2, 3))) <= GTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_layer_norm_kernel_matches_reference(rng, dtype):
+    tdt = getattr(torch, dtype)
+    x = torch.from_numpy(rng.standard_normal((4, 6, 10)) * 3 + 1).to(tdt)
+    g = torch.from_numpy(rng.standard_normal((4, 10, 6))).to(tdt).transpose(1, 2)  # strided output gradient
+    _, mean, rstd = torch.native_layer_norm(x, (10,), None, None, 1e-5)
+    xhat = ((x.double() - x.double().mean(-1, keepdim=True)) / (x.double().var(-1, False, True) + 1e-5).sqrt()).numpy()
+    gd = g.double().numpy()
+    ps_w, ps_b = (gd * xhat).sum(1), gd.sum(1)  # per-sample [B, N]
+    wsq, bsq, gw, gb = layer_norm_grad_sqnorms(x, g, mean, rstd)
+    assert wsq.dtype == torch.float64 and gw.dtype == tdt and tuple(gw.shape) == (10,)
+    tol = GTOL[dtype] if dtype == "float32" else 1e-9
+    assert _max_rel(wsq, (ps_w**2).sum(1)) <= tol and _max_rel(bsq, (ps_b**2).sum(1)) <= tol
+    assert _rel(gw, ps_w.sum(0)) <= tol and _rel(gb, ps_b.sum(0)) <= tol
+    wsq2, bsq2, gw2, gb2 = layer_norm_grad_sqnorms(x.numpy(), g.numpy(), mean.numpy(), rstd.numpy(), bias=False)
+    assert bsq2 is None and gb2 is None and isinstance(wsq2, np.ndarray) and gw2.shape == (10,)
+    np.testing.assert_allclose(wsq2, wsq.numpy(), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"\[B, T, N\]"):
+        layer_norm_grad_sqnorms(x[0], g[0], mean, rstd)
+    with pytest.raises(ValueError, match="elements"):
+        layer_norm_grad_sqnorms(x, g, mean[:2], rstd)
+
+
+@pytest.mark.parametrize(("lib", "dtype"), ALL_INPUTS, ids=INPUT_IDS)
+def test_embedding_kernel_matches_reference(rng, lib, dtype):
+    idx = rng.integers(0, 5, size=(4, 9))  # repeated ids
+    g = make_input(rng.standard_normal((4, 9, 3)), lib, dtype)
+    gd = to_float64(g)
+    for padding in (None, 2):
+        want = np.zeros(4)
+        for b in range(4):
+            rows = np.zeros((5, 3))
+            np.add.at(rows, idx[b], gd[b])
+            if padding is not None:
+                rows[padding] = 0
+            want[b] = (rows**2).sum()
+        got = embedding_grad_sqnorms(torch.from_numpy(idx) if lib == "torch" else idx, g, padding_idx=padding)
+        assert _max_rel(got, want) <= GTOL[dtype]
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        embedding_grad_sqnorms(idx[:, :3], g)
+
+
 def test_bookkeeping_cost_model():
     assert gradnorm_method(1, 1024, 1024, bookkeeping=True) == "ghost"  # T = 1: ‖a‖²‖g‖² is nearly free
     assert gradnorm_method(128, 128, 512, bookkeeping=True) == "direct"
@@ -167,6 +230,25 @@ class SeqModel(nn.Module):
         return self.head(h.flatten(1))
 
 
+class NormModel(nn.Module):
+    """LayerNorms: over one and over two dimensions, frozen weight, no bias, a strided input; and a GroupNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.ln2d = nn.LayerNorm((3, 8))
+        self.ln_frozen = nn.LayerNorm(8)
+        self.ln_frozen.weight.requires_grad_(False)
+        self.ln_nobias = nn.LayerNorm(3, bias=False)
+        self.gn = nn.GroupNorm(1, 3)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x):
+        h = self.ln_frozen(torch.tanh(self.ln2d(self.inp(x))))  # [B, 3, 8]
+        h = self.ln_nobias(torch.tanh(h).transpose(1, 2))  # strided [B, 8, 3]
+        return self.head(self.gn(h.transpose(1, 2)).flatten(1))
+
+
 def _grad_models():
     torch.manual_seed(1)
     cnn = nn.Sequential(
@@ -190,6 +272,7 @@ def _grad_models():
     )
     tokens = torch.randint(0, 6, (6, 9))
     return {
+        "norms": (NormModel(), torch.randn(5, 3, 6), torch.randint(0, 4, (5,))),
         "cnn": (cnn, torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))),
         "cnn1d": (cnn1d, torch.randn(4, 3, 12), torch.randint(0, 4, (4,))),
         "seq_linear": (SeqModel(), torch.randn(5, 6, 5), torch.randint(0, 4, (5,))),
@@ -213,7 +296,7 @@ def _assert_grads_close(got, want, tol):
 
 @pytest.mark.parametrize("method", ["auto", "direct", "ghost"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("kind", ["cnn", "cnn1d", "seq_linear", "torch_encoder"])
+@pytest.mark.parametrize("kind", ["cnn", "cnn1d", "seq_linear", "torch_encoder", "norms"])
 def test_tracker_grads_match_plain_step(kind, dtype, method, monkeypatch):
     model, x, y = _grad_models()[kind]
     if dtype == "float64":

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/blas.h"
@@ -220,11 +221,13 @@ double direct_block_accumulate(const BlasBlock<C>& pa, const BlasBlock<C>& pg, i
 // d_in]; G is g's sample b, columns k·d_out .. (k+1)·d_out. grad_weight [groups·d_out, d_in] is the sum over samples.
 template <typename Tag, typename ABlock>
 void bookkeeping_impl(const BatchView& g, int64_t groups, int64_t t, int64_t d_in, int64_t d_out, double* weight_sq,
-                      double* bias_sq, typename Tag::compute* grad_weight, ABlock&& a_block) {
+                      double* bias_sq, typename Tag::compute* grad_weight, typename Tag::compute* grad_bias,
+                      ABlock&& a_block) {
   using C = typename Tag::compute;
   const int64_t nb = g.batch;
   const size_t nw = static_cast<size_t>(groups * d_out * d_in);
   std::fill(grad_weight, grad_weight + nw, C(0));
+  if (grad_bias != nullptr) std::fill(grad_bias, grad_bias + g.cols, C(0));
   if (nb == 0) return;
   const int ti = blas_int(t, "T"), dii = blas_int(d_in, "d_in");
   blas_int(d_out, "d_out");
@@ -236,6 +239,9 @@ void bookkeeping_impl(const BatchView& g, int64_t groups, int64_t t, int64_t d_i
   const int64_t tile = direct_tile_rows(d_out, d_in);
   // range 0 accumulates into grad_weight itself, the others into their own buffers, added in order at the end
   std::vector<std::vector<C>> partial(static_cast<size_t>(std::max(ranges - 1, 0)));
+  // the bias gradient Σ_b Σ_t g_t: per range in float64 from the per-sample column sums, ranges added in order
+  const bool want_bias = grad_bias != nullptr;
+  std::vector<std::vector<double>> bias_part(want_bias ? static_cast<size_t>(ranges) : 0);
   parallel_for(nb, min_per_thread, [&](int r, int64_t b0, int64_t b1) {
     C* acc = grad_weight;
     if (r > 0) {
@@ -244,8 +250,16 @@ void bookkeeping_impl(const BatchView& g, int64_t groups, int64_t t, int64_t d_i
     }
     std::vector<C> abuf, gbuf, m;
     std::vector<double> colsum;
+    if (want_bias) bias_part[r].assign(static_cast<size_t>(g.cols), 0.0);
     for (int64_t b = b0; b < b1; ++b) {
-      if (bias_sq != nullptr) bias_sq[b] = bias_sqnorm<Tag>(g, b, colsum);
+      if (bias_sq != nullptr || want_bias) {
+        const double bs = bias_sqnorm<Tag>(g, b, colsum);
+        if (bias_sq != nullptr) bias_sq[b] = bs;
+        if (want_bias) {
+          double* bp = bias_part[r].data();
+          for (int64_t j = 0; j < g.cols; ++j) bp[j] += colsum[j];
+        }
+      }
       if (t == 0 || d_in == 0 || d_out == 0) {
         weight_sq[b] = 0;
         continue;
@@ -262,6 +276,13 @@ void bookkeeping_impl(const BatchView& g, int64_t groups, int64_t t, int64_t d_i
   });
   for (const auto& p : partial) {
     for (size_t i = 0; i < nw; ++i) grad_weight[i] += p[i];
+  }
+  if (want_bias) {
+    for (int64_t j = 0; j < g.cols; ++j) {
+      double v = 0;
+      for (const auto& p : bias_part) v += p[j];
+      grad_bias[j] = static_cast<C>(v);
+    }
   }
 }
 
@@ -305,10 +326,111 @@ BlasBlock<typename Tag::compute> unfold_sample(const ConvInputView& x, int64_t b
   return {buf.data(), static_cast<int>(std::max<int64_t>(l, 1)), true};
 }
 
+// Per-sample affine gradients of a LayerNorm: for sample b, sw = Σ_t g_t ⊙ x̂_t and sb = Σ_t g_t (over positions, in
+// the compute type, as torch's own reduction) with x̂_t = (x_t − mean_t)·rstd_t; their squared norms (float64) and
+// their sums over the batch (per range of samples in float64, ranges added in order).
+template <typename Tag>
+void layernorm_impl(const BatchView& x, const BatchView& g, const typename Tag::compute* mean,
+                    const typename Tag::compute* rstd, double* weight_sq, double* bias_sq,
+                    typename Tag::compute* grad_weight, typename Tag::compute* grad_bias) {
+  using S = typename Tag::storage;
+  using C = typename Tag::compute;
+  const int64_t nb = x.batch, t = x.rows, n = x.cols;
+  const bool want_w = weight_sq != nullptr || grad_weight != nullptr;
+  const bool want_b = bias_sq != nullptr || grad_bias != nullptr;
+  const int64_t min_per_thread = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(t * n, 1));
+  const int ranges = parallel_ranges(nb, min_per_thread);
+  std::vector<std::vector<double>> part(static_cast<size_t>(std::max(ranges, 1)));
+  const bool unit = x.col_stride == 1 && g.col_stride == 1;
+  parallel_for(nb, min_per_thread, [&](int r, int64_t b0, int64_t b1) {
+    std::vector<double>& acc = part[r];
+    acc.assign(static_cast<size_t>(2 * n), 0.0);
+    std::vector<C> sw(static_cast<size_t>(n)), sb(static_cast<size_t>(n));
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(sw.begin(), sw.end(), C(0));
+      std::fill(sb.begin(), sb.end(), C(0));
+      C* pw = sw.data();
+      C* pb = sb.data();
+      for (int64_t i = 0; i < t; ++i) {
+        const S* px = x.at<S>(b, i);
+        const S* pgr = g.at<S>(b, i);
+        const C mu = mean[b * t + i], rs = rstd[b * t + i];
+        if (unit) {
+          if (want_w) {
+            for (int64_t j = 0; j < n; ++j) pw[j] += load(Tag{}, pgr + j) * ((load(Tag{}, px + j) - mu) * rs);
+          }
+          if (want_b) {
+            for (int64_t j = 0; j < n; ++j) pb[j] += load(Tag{}, pgr + j);
+          }
+        } else {
+          for (int64_t j = 0; j < n; ++j) {
+            const C gv = load(Tag{}, pgr + j * g.col_stride);
+            pw[j] += gv * ((load(Tag{}, px + j * x.col_stride) - mu) * rs);
+            pb[j] += gv;
+          }
+        }
+      }
+      double ws = 0, bs = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const double w = pw[j], v = pb[j];
+        ws += w * w;
+        bs += v * v;
+        acc[j] += w;
+        acc[n + j] += v;
+      }
+      if (weight_sq != nullptr) weight_sq[b] = ws;
+      if (bias_sq != nullptr) bias_sq[b] = bs;
+    }
+  });
+  for (int64_t j = 0; j < n; ++j) {
+    double w = 0, v = 0;
+    for (const auto& p : part) {
+      if (p.empty()) continue;
+      w += p[j];
+      v += p[n + j];
+    }
+    if (grad_weight != nullptr) grad_weight[j] = static_cast<C>(w);
+    if (grad_bias != nullptr) grad_bias[j] = static_cast<C>(v);
+  }
+}
+
+// Per sample, the squared norm of the embedding's weight gradient: the output-gradient rows of every distinct token
+// id summed (positions sorted by id, runs of one id added in float64), padding_idx rows skipped.
+template <typename Tag>
+void embedding_impl(const int64_t* idx, const BatchView& g, int64_t padding_idx, double* out) {
+  using S = typename Tag::storage;
+  const int64_t nb = g.batch, t = g.rows, n = g.cols;
+  const int64_t min_per_thread = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(t * n, 1));
+  parallel_for(nb, min_per_thread, [&](int, int64_t b0, int64_t b1) {
+    std::vector<std::pair<int64_t, int64_t>> order(static_cast<size_t>(t));
+    std::vector<double> row(static_cast<size_t>(n));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t* ib = idx + b * t;
+      for (int64_t i = 0; i < t; ++i) order[i] = {ib[i], i};
+      std::sort(order.begin(), order.end());
+      double s = 0;
+      for (int64_t i = 0; i < t;) {
+        int64_t e = i + 1;
+        while (e < t && order[e].first == order[i].first) ++e;
+        if (order[i].first != padding_idx) {
+          std::fill(row.begin(), row.end(), 0.0);
+          for (int64_t k = i; k < e; ++k) {
+            const S* p = g.at<S>(b, order[k].second);
+            for (int64_t j = 0; j < n; ++j) row[j] += static_cast<double>(load(Tag{}, p + j * g.col_stride));
+          }
+          for (int64_t j = 0; j < n; ++j) s += row[j] * row[j];
+        }
+        i = e;
+      }
+      out[b] = s;
+    }
+  });
+}
+
 }  // namespace
 
 void gradnorm_linear_bk_cpu(const BatchView& a, const BatchView& g, double* weight_sq, double* bias_sq,
-                            void* grad_weight) {
+                            void* grad_weight, void* grad_bias) {
   PG_CHECK(a.batch == g.batch && a.rows == g.rows, "a [B, T, d_in] and g [B, T, d_out] must agree in B and T, got a [",
            a.batch, ", ", a.rows, ", ", a.cols, "] and g [", g.batch, ", ", g.rows, ", ", g.cols, "]");
   PG_CHECK_TYPE(a.dtype == g.dtype, "a and g must have the same dtype, got ", dtype_name(a.dtype), " and ",
@@ -317,12 +439,13 @@ void gradnorm_linear_bk_cpu(const BatchView& a, const BatchView& g, double* weig
     using Tag = decltype(tag);
     using C = typename Tag::compute;
     bookkeeping_impl<Tag>(g, 1, a.rows, a.cols, g.cols, weight_sq, bias_sq, static_cast<C*>(grad_weight),
+                          static_cast<C*>(grad_bias),
                           [&](int64_t b, int64_t, std::vector<C>& buf) { return sample_for_blas<Tag>(a, b, buf); });
   });
 }
 
 void gradnorm_conv_bk_cpu(const ConvInputView& x, const BatchView& g, double* weight_sq, double* bias_sq,
-                          void* grad_weight) {
+                          void* grad_weight, void* grad_bias) {
   PG_CHECK(x.groups >= 1 && x.channels % x.groups == 0 && g.cols % x.groups == 0,
            "channels must be divisible by groups, got C_in = ", x.channels, ", C_out = ", g.cols,
            ", groups = ", x.groups);
@@ -338,7 +461,7 @@ void gradnorm_conv_bk_cpu(const ConvInputView& x, const BatchView& g, double* we
     using Tag = decltype(tag);
     using C = typename Tag::compute;
     bookkeeping_impl<Tag>(g, x.groups, g.rows, d_in, g.cols / x.groups, weight_sq, bias_sq,
-                          static_cast<C*>(grad_weight),
+                          static_cast<C*>(grad_weight), static_cast<C*>(grad_bias),
                           [&](int64_t b, int64_t k, std::vector<C>& buf) { return unfold_sample<Tag>(x, b, k, buf); });
   });
 }
@@ -351,6 +474,25 @@ void gradnorm_linear_cpu(const BatchView& a, const BatchView& g, GradNormMethod 
                 dtype_name(g.dtype));
   if (a.batch == 0) return;
   dispatch_dtype(a.dtype, [&](auto tag) { gradnorm_impl<decltype(tag)>(a, g, method, weight_sq, bias_sq); });
+}
+
+void gradnorm_layernorm_cpu(const BatchView& x, const BatchView& g, const void* mean, const void* rstd,
+                            double* weight_sq, double* bias_sq, void* grad_weight, void* grad_bias) {
+  PG_CHECK(x.batch == g.batch && x.rows == g.rows && x.cols == g.cols,
+           "x and g must have the same shape [B, T, N], got [", x.batch, ", ", x.rows, ", ", x.cols, "] and [", g.batch,
+           ", ", g.rows, ", ", g.cols, "]");
+  PG_CHECK_TYPE(x.dtype == g.dtype, "x and g must have the same dtype, got ", dtype_name(x.dtype), " and ",
+                dtype_name(g.dtype));
+  dispatch_dtype(x.dtype, [&](auto tag) {
+    using Tag = decltype(tag);
+    using C = typename Tag::compute;
+    layernorm_impl<Tag>(x, g, static_cast<const C*>(mean), static_cast<const C*>(rstd), weight_sq, bias_sq,
+                        static_cast<C*>(grad_weight), static_cast<C*>(grad_bias));
+  });
+}
+
+void gradnorm_embedding_cpu(const int64_t* idx, const BatchView& g, int64_t padding_idx, double* out) {
+  dispatch_dtype(g.dtype, [&](auto tag) { embedding_impl<decltype(tag)>(idx, g, padding_idx, out); });
 }
 
 }  // namespace pg

@@ -139,23 +139,31 @@ def _host_pair(x: Any, g: Any, xname: str) -> tuple[Any, Any, bool, bool]:
     return xh, gh, bf16, is_torch_tensor(x)
 
 
-def _bk_outputs(n: int, d_out: int, d_in: int, dtype: Any, torch_out: bool, bias: bool) -> tuple[Any, Any, Any]:
+def _bk_outputs(
+    n: int, d_out: int, d_in: int, dtype: Any, torch_out: bool, bias: bool, bias_grad: bool = False
+) -> tuple[Any, Any, Any, Any]:
+    """``(weight_sq [n], bias_sq [n] or None, grad_weight [d_out, d_in], grad_bias [d_out] or None)``: float64 norms,
+    gradients in the compute type (float64 for float64 input, else float32)."""
     wide = dtype in (np.float64,) or str(dtype) in ("float64", "torch.float64")
     if torch_out:
         import torch
 
-        grad = torch.empty(d_out, d_in, dtype=torch.float64 if wide else torch.float32)
+        gdt = torch.float64 if wide else torch.float32
+        grad = torch.empty(d_out, d_in, dtype=gdt)
         weight = torch.empty(n, dtype=torch.float64)
-        return weight, (torch.empty(n, dtype=torch.float64) if bias else None), grad
-    grad = np.empty((d_out, d_in), dtype=np.float64 if wide else np.float32)
-    return np.empty(n, dtype=np.float64), (np.empty(n, dtype=np.float64) if bias else None), grad
+        gb = torch.empty(d_out, dtype=gdt) if bias_grad else None
+        return weight, (torch.empty(n, dtype=torch.float64) if bias else None), grad, gb
+    gdt = np.float64 if wide else np.float32
+    grad = np.empty((d_out, d_in), dtype=gdt)
+    gb = np.empty(d_out, dtype=gdt) if bias_grad else None
+    return np.empty(n, dtype=np.float64), (np.empty(n, dtype=np.float64) if bias else None), grad, gb
 
 
 def _np(x: Any) -> Any:
     return x if x is None or isinstance(x, np.ndarray) else x.numpy()
 
 
-def linear_grad_bookkeeping(a: Any, g: Any, *, bias: bool = False) -> tuple[Any, Any, Any]:
+def linear_grad_bookkeeping(a: Any, g: Any, *, bias: bool = False, bias_grad: bool = False) -> tuple[Any, ...]:
     """Book-keeping form of the direct method (host only): per-sample squared gradient norms of a linear map AND its
     weight gradient, from one pass over the per-sample gradients ``M_b = g_bᵀ a_b`` (built a tile at a time, never
     stored for the batch).
@@ -163,7 +171,8 @@ def linear_grad_bookkeeping(a: Any, g: Any, *, bias: bool = False) -> tuple[Any,
     ``a [B, T, d_in]`` / ``[B, d_in]`` and ``g [B, T, d_out]`` / ``[B, d_out]`` as in :func:`linear_grad_sqnorms`
     (numpy or torch CPU, one dtype). Returns ``(weight_sq [B], bias_sq [B] or None, grad_weight [d_out, d_in])``:
     float64 norms, and ``grad_weight = Σ_b M_b`` in float32 (float64 for float64 input) — what autograd computes as the
-    weight gradient of ``y = a Wᵀ`` for the output gradient ``g``.
+    weight gradient of ``y = a Wᵀ`` for the output gradient ``g``. With ``bias_grad`` a fourth element, the bias
+    gradient ``Σ_b Σ_t g_bt [d_out]`` (same dtype as ``grad_weight``, summed in float64), is appended.
     """
     a3, g3 = _as_3d(a, "a"), _as_3d(g, "g")
     if a3.shape[0] != g3.shape[0] or a3.shape[1] != g3.shape[1]:
@@ -171,9 +180,10 @@ def linear_grad_bookkeeping(a: Any, g: Any, *, bias: bool = False) -> tuple[Any,
             f"a [B, T, d_in] and g [B, T, d_out] must agree in B and T, got a {tuple(a.shape)} and g {tuple(g.shape)}"
         )
     ah, gh, bf16, torch_out = _host_pair(a3, g3, "a")
-    weight, bias_out, grad = _bk_outputs(a3.shape[0], g3.shape[2], a3.shape[2], a3.dtype, torch_out, bias)
-    _core.gradnorm_linear_bk(ah, gh, _np(grad), _np(weight), _np(bias_out), bf16)
-    return weight, bias_out, grad
+    n, d_out, d_in = a3.shape[0], g3.shape[2], a3.shape[2]
+    weight, bias_out, grad, gb = _bk_outputs(n, d_out, d_in, a3.dtype, torch_out, bias, bias_grad)
+    _core.gradnorm_linear_bk(ah, gh, _np(grad), _np(weight), _np(bias_out), bf16, _np(gb))
+    return (weight, bias_out, grad, gb) if bias_grad else (weight, bias_out, grad)
 
 
 def _pair(v: Any, n: int, name: str) -> tuple[int, ...]:
@@ -193,7 +203,8 @@ def conv_grad_bookkeeping(
     dilation: Any = 1,
     groups: int = 1,
     bias: bool = False,
-) -> tuple[Any, Any, Any]:
+    bias_grad: bool = False,
+) -> tuple[Any, ...]:
     """Book-keeping form for a 1-D or 2-D convolution (host only): per-sample squared norms of the weight gradient (and
     of the bias gradient when ``bias``) and the weight gradient itself, without unfolding the batch's input (each
     sample's patches are packed inside the kernel).
@@ -201,7 +212,8 @@ def conv_grad_bookkeeping(
     ``x [B, C_in, W]`` or ``[B, C_in, H, W]`` — the convolution's input before its zero padding ``padding`` (per
     spatial dimension, both sides, as ``F.conv2d``); ``g [B, C_out, *out]`` — the gradient of the output (its
     spatial shape must be the convolution's output shape), same dtype. Returns ``(weight_sq [B], bias_sq [B] or
-    None, grad_weight [C_out, C_in/groups, *kernel])`` (float32, float64 for float64 input).
+    None, grad_weight [C_out, C_in/groups, *kernel])`` (float32, float64 for float64 input); with ``bias_grad`` the
+    bias gradient ``[C_out]`` (same dtype) is appended.
     """
     nd = x.ndim - 2
     if nd not in (1, 2) or g.ndim != x.ndim:
@@ -232,10 +244,78 @@ def conv_grad_bookkeeping(
     c_in = x.shape[1]
     if c_in % groups or c_out % groups:
         raise ValueError(f"C_in = {c_in} and C_out = {c_out} must be divisible by groups = {groups}")
-    weight, bias_out, grad = _bk_outputs(b, c_out, c_in // groups * k[0] * k[1], x.dtype, torch_out, bias)
+    weight, bias_out, grad, gb = _bk_outputs(
+        b, c_out, c_in // groups * k[0] * k[1], x.dtype, torch_out, bias, bias_grad
+    )
     geometry = (k[0], k[1], s[0], s[1], d[0], d[1], p[0], p[1], out_h, out_w, groups)
-    _core.gradnorm_conv_bk(xh, gh, geometry, _np(grad), _np(weight), _np(bias_out), bf16)
-    return weight, bias_out, grad.reshape(c_out, c_in // groups, *k[2 - nd :])
+    _core.gradnorm_conv_bk(xh, gh, geometry, _np(grad), _np(weight), _np(bias_out), bf16, _np(gb))
+    grad = grad.reshape(c_out, c_in // groups, *k[2 - nd :])
+    return (weight, bias_out, grad, gb) if bias_grad else (weight, bias_out, grad)
 
 
-__all__ = ["METHODS", "conv_grad_bookkeeping", "gradnorm_method", "linear_grad_bookkeeping", "linear_grad_sqnorms"]
+def layer_norm_grad_sqnorms(
+    x: Any, g: Any, mean: Any, rstd: Any, *, weight: bool = True, bias: bool = True
+) -> tuple[Any, Any, Any, Any]:
+    """Per-sample affine gradients of a LayerNorm over the last ``N`` features (host only), from its input and the
+    statistics its forward computed (``torch.native_layer_norm`` returns them), without recomputing the normalisation.
+
+    ``x``, ``g`` — the input and the output gradient, ``[B, T, N]`` (numpy or torch CPU, one dtype, any strides);
+    ``mean``, ``rstd`` — ``B·T`` values each (C-contiguous, float32, float64 for float64 input). For sample ``b`` the
+    weight gradient is ``Σ_t g_t ⊙ x̂_t`` with ``x̂_t = (x_t − mean_t)·rstd_t`` and the bias gradient ``Σ_t g_t`` (sums
+    over positions in the compute type, as torch's own reduction). Returns ``(weight_sq [B] or None, bias_sq [B] or
+    None, grad_weight [N] or None, grad_bias [N] or None)`` — float64 squared norms, and the sums over the batch (the
+    layer's affine gradients, float32 or float64) — for the parts asked for by ``weight`` / ``bias``.
+    """
+    if x.ndim != 3 or tuple(g.shape) != tuple(x.shape):
+        raise ValueError(f"x and g must both be [B, T, N], got {tuple(x.shape)} and {tuple(g.shape)}")
+    xh, gh, bf16, torch_out = _host_pair(x, g, "x")
+    n, feat = x.shape[0], x.shape[2]
+    wide = gh.dtype == np.float64
+    stat = np.float64 if wide else np.float32
+    mh, rh = (np.ascontiguousarray(_np(v.detach()) if is_torch_tensor(v) else v, dtype=stat) for v in (mean, rstd))
+
+    def out(size: int, dt: Any, want: bool) -> Any:
+        return np.empty(size, dtype=dt) if want else None
+
+    wsq, bsq = out(n, np.float64, weight), out(n, np.float64, bias)
+    gw, gb = out(feat, stat, weight), out(feat, stat, bias)
+    _core.gradnorm_layernorm(xh, gh, mh, rh, wsq, bsq, gw, gb, bf16)
+    if torch_out:
+        import torch
+
+        return tuple(None if v is None else torch.from_numpy(v) for v in (wsq, bsq, gw, gb))
+    return wsq, bsq, gw, gb
+
+
+def embedding_grad_sqnorms(idx: Any, g: Any, *, padding_idx: int | None = None) -> Any:
+    """Per-sample squared norm of an Embedding's weight gradient (host only): ``idx [B, T]`` token ids, ``g [B, T, N]``
+    the output gradient (numpy or torch CPU, float16/bfloat16/float32/float64, any strides). Within a sample the rows of
+    one token id are summed before squaring (repeated tokens are exact); ids equal to ``padding_idx`` get no gradient.
+    Returns float64 ``[B]`` (a torch tensor for torch input)."""
+    if g.ndim != 3 or tuple(idx.shape) != tuple(g.shape[:2]):
+        raise ValueError(f"idx must be [B, T] and g [B, T, N], got {tuple(idx.shape)} and {tuple(g.shape)}")
+    gh, bf16 = host_array(g, "g")
+    if is_torch_tensor(idx):
+        import torch
+
+        ih = idx.detach().to(torch.int64).contiguous().numpy()
+    else:
+        ih = np.ascontiguousarray(idx, dtype=np.int64)
+    out = np.empty(g.shape[0], dtype=np.float64)
+    _core.gradnorm_embedding(ih, gh, -1 if padding_idx is None else int(padding_idx), out, bf16)
+    if is_torch_tensor(g):
+        import torch
+
+        return torch.from_numpy(out)
+    return out
+
+
+__all__ = [
+    "METHODS",
+    "conv_grad_bookkeeping",
+    "embedding_grad_sqnorms",
+    "gradnorm_method",
+    "layer_norm_grad_sqnorms",
+    "linear_grad_bookkeeping",
+    "linear_grad_sqnorms",
+]

@@ -14,10 +14,10 @@ picks one of two forms, see ``tracker.methods``:
   gradient ``G_bᵀ A_b`` a tile at a time (:func:`poisonguard.ops.linear_grad_bookkeeping`,
   :func:`poisonguard.ops.conv_grad_bookkeeping`: a convolution's patches are packed per sample, never unfolded for
   the batch), squares it for the norm AND sums it into the weight gradient returned to autograd, which therefore does
-  not compute that gradient itself; the input and bias gradients are torch's. ``.grad``, parameter hooks and
-  gradient accumulation work as in a plain step (equal up to float rounding). A backward run after the block still
-  gets plain gradients (and records nothing). Cheaper than ghost wherever a sample has many positions (``T > 1``:
-  sequence Linear, convolutions);
+  not compute that gradient itself (the bias gradient comes from the same pass); the input gradient is torch's.
+  ``.grad``, parameter hooks and gradient accumulation work as in a plain step (equal up to float rounding). A
+  backward run after the block still gets plain gradients (and records nothing). Cheaper than ghost wherever a sample
+  has many positions (``T > 1``: sequence Linear, convolutions);
 * ``"ghost"`` (or the kernels' direct form where book-keeping cannot run): the plain forward, and a hook on the output
   gradient computes the norms with :func:`poisonguard.ops.linear_grad_sqnorms` — ``Linear`` inputs
   ``[B, ..., d_in]`` seen as ``[B, T, d_in]``; ``Conv1d`` / ``Conv2d`` on the unfolded input (``[B, L,
@@ -27,9 +27,14 @@ picks one of two forms, see ``tracker.methods``:
 Other layers:
 
 * ``Embedding`` — the gradient rows of one sample are summed per token id before squaring, so repeated tokens are
-  exact (``padding_idx`` rows get no gradient, as in torch);
-* ``LayerNorm`` / ``GroupNorm`` — per-sample affine gradients ``Σ_positions g·x̂`` and ``Σ g``, ``x̂`` recomputed from
-  the captured input;
+  exact (``padding_idx`` rows get no gradient, as in torch); on CPU one pass per sample over its positions sorted by
+  id (:func:`poisonguard.ops.embedding_grad_sqnorms`);
+* ``LayerNorm`` — per-sample affine gradients ``Σ_positions g·x̂`` and ``Σ g``: on CPU (float32/float64, no autocast)
+  its forward is swapped for ``torch.native_layer_norm`` in an ``autograd.Function`` that keeps the mean and 1/std, and
+  whose backward computes the per-sample sums from them in one pass (:func:`poisonguard.ops.layer_norm_grad_sqnorms`)
+  and returns their batch sums as the weight and bias gradients (the input gradient is torch's); elsewhere ``x̂`` is
+  recomputed from the captured input in a hook;
+* ``GroupNorm`` — the same sums, ``x̂`` recomputed from the captured input;
 * ``MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer`` etc.) — while the tracker is entered its forward
   is replaced by the same computation written with three ``F.linear`` input projections (tracked like Linear layers,
   book-keeping included; they are the row blocks of ``in_proj_weight``) and ``out_proj`` called as a module; the
@@ -56,7 +61,9 @@ from torch.autograd.function import once_differentiable
 from ..ops.gradnorm import (
     METHODS,
     conv_grad_bookkeeping,
+    embedding_grad_sqnorms,
     gradnorm_method,
+    layer_norm_grad_sqnorms,
     linear_grad_bookkeeping,
     linear_grad_sqnorms,
 )
@@ -194,6 +201,8 @@ class GradNormTracker:
             for name, module in self._layers:
                 if isinstance(module, _LINEAR_MAPS):
                     self._swap_forward(module, _make_map_forward(self, name))
+                elif isinstance(module, nn.LayerNorm):
+                    self._swap_forward(module, _make_layer_norm_forward(self, name))
                 else:
                     self._handles.append(module.register_forward_hook(self._make_forward_hook(name)))
             for name, module in self._attention:
@@ -304,6 +313,10 @@ class GradNormTracker:
     def _layer_sq(self, name: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         self.methods[name] = "exact"
         if isinstance(module, nn.Embedding):
+            if g.device.type == "cpu" and x.device.type == "cpu" and g.is_floating_point():
+                b = x.shape[0]
+                idx = x.reshape(b, -1)
+                return embedding_grad_sqnorms(idx, g.reshape(b, idx.shape[1], -1), padding_idx=module.padding_idx)
             return _embedding_sq(module, x, g)
         if isinstance(module, nn.LayerNorm):
             return _layer_norm_sq(module, x, g)
@@ -382,9 +395,35 @@ class GradNormTracker:
             y.register_hook(on_grad)
         return y
 
-    def _record(self, name: str, sq: torch.Tensor) -> None:
-        self.methods[name] = "direct"
+    def _record(self, name: str, sq: torch.Tensor, method: str = "direct") -> None:
+        self.methods[name] = method
         self._add(name, sq)
+
+    def _layer_norm_apply(self, name: str, module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        """The forward of a tracked LayerNorm call (the caller has run ``_begin_call``): through
+        :class:`_LayerNormTracked` where it can run (CPU float32/float64, no autocast), else the plain forward with a
+        hook on the output gradient that recomputes ``x̂``."""
+        weight, bias = module.weight, module.bias
+        shape = tuple(module.normalized_shape)
+        nd = len(shape)
+        if (
+            weight is not None
+            and _bookkeeping_ok(x, weight)
+            and (bias is None or bias.dtype == x.dtype)
+            and x.dim() > nd
+            and tuple(x.shape[x.dim() - nd :]) == shape
+        ):
+            return _LayerNormTracked.apply(x, weight, bias, shape, module.eps, self, name)
+        y = type(module).forward(module, x)
+        if y.requires_grad:
+            xd = x.detach()
+
+            def on_grad(g: torch.Tensor) -> None:
+                if self._active:
+                    self._add(name, self._layer_sq(name, module, xd, g.detach()))
+
+            y.register_hook(on_grad)
+        return y
 
     def _conv(self, name: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         weight, bias = _trainable(module.weight), _trainable(module.bias)
@@ -430,8 +469,8 @@ def _make_map_forward(tracker: GradNormTracker, name: str):
 
 class _LinearBookkeeping(torch.autograd.Function):
     """``F.linear`` whose backward computes the weight gradient as the sum of the per-sample gradients it squares for
-    the tracker (:func:`poisonguard.ops.linear_grad_bookkeeping`), instead of autograd's own weight-gradient GEMM. The
-    input and bias gradients are torch's."""
+    the tracker (:func:`poisonguard.ops.linear_grad_bookkeeping`), instead of autograd's own weight-gradient GEMM, and
+    the bias gradient from the same pass. The input gradient is torch's."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, tracker, name):
@@ -449,13 +488,18 @@ class _LinearBookkeeping(torch.autograd.Function):
         a3, g3 = x.reshape(b, -1, d_in), g.reshape(b, -1, d_out)
         tracker = ctx.tracker
         gw = gb = None
-        if tracker._active:
-            wsq, bsq, gw = linear_grad_bookkeeping(a3, g3, bias=need_b)
-            tracker._record(ctx.name, wsq + bsq if need_b else wsq)
-        elif need_w:  # a backward outside the tracker's block: the plain weight gradient
-            gw = g3.reshape(-1, d_out).t().mm(a3.reshape(-1, d_in))
-        if need_b:
-            gb = g3.sum(dim=(0, 1))
+        if tracker._active:  # the kernel also sums the bias gradient (from the per-sample sums it squares)
+            if need_b:
+                wsq, bsq, gw, gb = linear_grad_bookkeeping(a3, g3, bias=True, bias_grad=True)
+                tracker._record(ctx.name, wsq + bsq)
+            else:
+                wsq, _, gw = linear_grad_bookkeeping(a3, g3)
+                tracker._record(ctx.name, wsq)
+        else:  # a backward outside the tracker's block: the plain gradients
+            if need_w:
+                gw = g3.reshape(-1, d_out).t().mm(a3.reshape(-1, d_in))
+            if need_b:
+                gb = g3.sum(dim=(0, 1))
         return gx, (gw.to(weight.dtype) if need_w else None), gb, None, None
 
 
@@ -487,8 +531,8 @@ class _ConvBookkeeping(torch.autograd.Function):
             gx, gw, _ = torch.ops.aten.convolution_backward(
                 g, x, weight, None, stride, padding, dilation, False, zeros, groups, mask
             )
-        if record:
-            wsq, bsq, gw = conv_grad_bookkeeping(
+        if record:  # the kernel also sums the bias gradient
+            wsq, bsq, gw, *gb = conv_grad_bookkeeping(
                 x,
                 g,
                 kernel_size=tuple(weight.shape[2:]),
@@ -497,12 +541,66 @@ class _ConvBookkeeping(torch.autograd.Function):
                 dilation=dilation,
                 groups=groups,
                 bias=need_b,
+                bias_grad=need_b,
             )
             tracker._record(ctx.name, wsq + bsq if need_b else wsq)
             gw = gw.to(weight.dtype)
-        if need_b:
+            gb = gb[0] if need_b else None
+        elif need_b:
             gb = g.sum(dim=[0, *range(2, g.dim())])
         return gx, gw, gb, None, None, None
+
+
+def _make_layer_norm_forward(tracker: GradNormTracker, name: str):
+    """A forward for one LayerNorm, used while the tracker is entered (untracked calls run the class's forward)."""
+
+    def forward(mod: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        if not (tracker._active and torch.is_grad_enabled()):
+            return type(mod).forward(mod, x)
+        tracker._begin_call(name, x)
+        tracker._pending[name] = True
+        return tracker._layer_norm_apply(name, mod, x)
+
+    return forward
+
+
+class _LayerNormTracked(torch.autograd.Function):
+    """``torch.native_layer_norm`` (what ``F.layer_norm`` runs on CPU) keeping the mean and 1/std it returns; the
+    backward takes the input gradient from torch's ``native_layer_norm_backward`` and computes the per-sample affine
+    gradients ``Σ_t g_t ⊙ x̂_t``, ``Σ_t g_t`` (``x̂`` from the saved statistics, not a second normalisation), their
+    squared norms for the tracker and their sums as the weight and bias gradients
+    (:func:`poisonguard.ops.layer_norm_grad_sqnorms`) in one pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, shape, eps, tracker, name):
+        out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.shape, ctx.tracker, ctx.name = shape, tracker, name
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        tracker = ctx.tracker
+        record = tracker._active and (need_w or need_b)
+        mask = [need_x, need_w and not record, need_b and not record]
+        gx = gw = gb = None
+        if any(mask):
+            gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+                g, x, list(ctx.shape), mean, rstd, weight, bias, mask
+            )
+        if record:
+            b, n = x.shape[0], weight.numel()
+            wsq, bsq, gw, gb = layer_norm_grad_sqnorms(
+                x.reshape(b, -1, n), g.reshape(b, -1, n), mean, rstd, weight=need_w, bias=need_b
+            )
+            sq = wsq if bsq is None else (bsq if wsq is None else wsq + bsq)
+            tracker._record(ctx.name, sq, "exact")
+            gw = None if gw is None else gw.reshape(weight.shape)
+            gb = None if gb is None else gb.reshape(bias.shape)
+        return gx, gw, gb, None, None, None, None
 
 
 def _make_attention_forward(tracker: GradNormTracker, name: str):
