@@ -306,14 +306,17 @@ def main() -> None:
                 other = steps[impl]()
                 err = float((ref - other).abs().max() / other.abs().max())
                 print(f"  agreement tracker vs {impl}: max relative difference {err:.2e}")
-        # time the steps in interleaved rounds so that load changes on a shared machine hit all of them alike
+        # time the steps in interleaved rounds so that load changes on a shared machine hit all of them alike; the
+        # order rotates each round, so that no step always runs right after the same one (a step that follows
+        # opacus or vmap finds the allocator's pages already touched, which sped up whichever step came next)
         times: dict[str, list[float]] = {k: [] for k in steps}
         for k in steps:
             steps[k]()  # warm-up
-        for _ in range(args.repeat):
-            for k, fn in steps.items():
+        names = list(steps)
+        for i in range(args.repeat):
+            for k in names[i % len(names) :] + names[: i % len(names)]:
                 t0 = time.perf_counter()
-                fn()
+                steps[k]()
                 times[k].append(time.perf_counter() - t0)
         med = {k: float(np.median(v)) for k, v in times.items()}
         mem = {}
