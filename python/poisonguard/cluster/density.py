@@ -223,24 +223,12 @@ class DensityClustering:
 
     def _fit_memory(self, faiss: Any, xf: np.ndarray) -> None:
         n = len(xf)
-        stages: dict[str, float] = {}
-        t = time.perf_counter()
-        if self.metric == "cosine":
-            norms = np.linalg.norm(xf, axis=1, keepdims=True)
-            if n and not (norms > 0).all():
-                bad = np.flatnonzero(norms[:, 0] <= 0)[:5].tolist()
-                raise ValueError(f"metric='cosine' needs non-zero rows; rows {bad} are zero")
-            xf /= norms
-        elif n:
-            xf -= xf.mean(axis=0, dtype=np.float64).astype(np.float32)  # FAISS's |x|^2 + |y|^2 - 2xy loses less
-        stages["prepare"] = time.perf_counter() - t
+        stages = self._prepare(xf, centre=True)  # FAISS's |x|^2 + |y|^2 - 2xy loses less on centred rows
         ms = int(self.min_samples)
         self.index_ = {"kind": "none", "exact": True}
         self.strategy_ = None
         if n == 0:
-            self.eps_ = float(self.eps) if self.eps is not None else float("nan")
-            self.eps_source_ = "given" if self.eps is not None else "no rows"
-            self._set_result(np.empty(0, np.int64), np.zeros(0, bool), stages)
+            self._set_empty(stages)
             return
 
         t = time.perf_counter()
@@ -264,26 +252,36 @@ class DensityClustering:
             labels, core = self._three_pass(faiss, index, xf, r2, radius, ms, stages)
         self._set_result(labels, core, stages)
 
-    def _fit_kdtree(self, xf: np.ndarray) -> None:
-        """Exact DBSCAN in ``_core`` on a kd-tree (rows not centred: the kernel's differences are exact)."""
-        from .. import _core
-
-        n = len(xf)
-        stages: dict[str, float] = {}
+    def _prepare(self, xf: np.ndarray, centre: bool) -> dict[str, float]:
+        """Normalises the rows in place (cosine; zero rows are an error) or, with ``centre``, subtracts their mean;
+        returns the stage timings so far."""
         t = time.perf_counter()
+        n = len(xf)
         if self.metric == "cosine":
             norms = np.linalg.norm(xf, axis=1, keepdims=True)
             if n and not (norms > 0).all():
                 bad = np.flatnonzero(norms[:, 0] <= 0)[:5].tolist()
                 raise ValueError(f"metric='cosine' needs non-zero rows; rows {bad} are zero")
             xf /= norms
-        stages["prepare"] = time.perf_counter() - t
+        elif centre and n:
+            xf -= xf.mean(axis=0, dtype=np.float64).astype(np.float32)
+        return {"prepare": time.perf_counter() - t}
+
+    def _set_empty(self, stages: dict) -> None:
+        self.eps_ = float(self.eps) if self.eps is not None else float("nan")
+        self.eps_source_ = "given" if self.eps is not None else "no rows"
+        self._set_result(np.empty(0, np.int64), np.zeros(0, bool), stages)
+
+    def _fit_kdtree(self, xf: np.ndarray) -> None:
+        """Exact DBSCAN in ``_core`` on a kd-tree (rows not centred: the kernel's differences are exact)."""
+        from .. import _core
+
+        n = len(xf)
+        stages = self._prepare(xf, centre=False)
         self.index_ = {"kind": "kdtree", "exact": True, "leaf_size": _KDTREE_LEAF}
         self.strategy_ = "kd-tree: core counts, joins from recorded neighbours, join search, borders"
         if n == 0:
-            self.eps_ = float(self.eps) if self.eps is not None else float("nan")
-            self.eps_source_ = "given" if self.eps is not None else "no rows"
-            self._set_result(np.empty(0, np.int64), np.zeros(0, bool), stages)
+            self._set_empty(stages)
             return
         if self.eps is None:
             t = time.perf_counter()
