@@ -63,19 +63,42 @@ BlasBlock<typename Tag::compute> sample_for_blas(const BatchView& v, int64_t b,
 }
 
 // Σ_r Σ_c x[r, c] in float64 of a [rows, cols] row-major block with leading dimension ld, squared entries.
+// Eight float64 partial sums (a single running sum would bound the loop by the add latency), added in a fixed order.
 template <typename C>
 double sum_squares(const C* x, int64_t rows, int64_t cols, int64_t ld) {
-  double s = 0;
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (int64_t r = 0; r < rows; ++r) {
     const C* p = x + r * ld;
-    for (int64_t c = 0; c < cols; ++c) s += static_cast<double>(p[c]) * static_cast<double>(p[c]);
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+      for (int k = 0; k < 8; ++k) acc[k] += static_cast<double>(p[c + k]) * static_cast<double>(p[c + k]);
+    }
+    for (; c < cols; ++c) acc[c & 7] += static_cast<double>(p[c]) * static_cast<double>(p[c]);
   }
-  return s;
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
 // Rows of the direct form's gradient tile: about 64k elements (256 KiB in float32), so the tile stays in L2.
 int64_t direct_tile_rows(int64_t d_out, int64_t d_in) {
   return std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(d_in, 1), 1, std::max<int64_t>(d_out, 1));
+}
+
+// Σ v² over n elements at the given stride, in float64, in eight partial sums as sum_squares.
+template <typename Tag>
+double strided_sum_squares(const typename Tag::storage* p, int64_t n, int64_t stride) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int c = 0; c < 8; ++c) {
+      const double v = load(Tag{}, p + (j + c) * stride);
+      acc[c] += v * v;
+    }
+  }
+  for (; j < n; ++j) {
+    const double v = load(Tag{}, p + j * stride);
+    acc[j & 7] += v * v;
+  }
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
 template <typename Tag>
@@ -113,18 +136,8 @@ void gradnorm_impl(const BatchView& a, const BatchView& g, GradNormMethod method
         continue;
       }
       if (small_t) {
-        double sa = 0, sg = 0;
-        const S* pa = a.at<S>(b, 0);
-        const S* pg = g.at<S>(b, 0);
-        for (int64_t j = 0; j < d_in; ++j) {
-          const double v = load(Tag{}, pa + j * a.col_stride);
-          sa += v * v;
-        }
-        for (int64_t j = 0; j < d_out; ++j) {
-          const double v = load(Tag{}, pg + j * g.col_stride);
-          sg += v * v;
-        }
-        weight_sq[b] = sa * sg;
+        weight_sq[b] = strided_sum_squares<Tag>(a.at<S>(b, 0), d_in, a.col_stride) *
+                       strided_sum_squares<Tag>(g.at<S>(b, 0), d_out, g.col_stride);
         continue;
       }
       const BlasBlock<C> pa = sample_for_blas<Tag>(a, b, abuf);
