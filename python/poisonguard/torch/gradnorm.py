@@ -271,15 +271,22 @@ class GradNormTracker:
             self._begin_call(name, inputs[0])
             x = inputs[0]
             self._pending[name] = True
-            x = x.detach()
-
-            def on_grad(grad: torch.Tensor) -> None:
-                if self._active:
-                    self._add(name, self._layer_sq(name, module, x, grad.detach()))
-
-            output.register_hook(on_grad)
+            self._hook_output(name, output, x, lambda xd, g: self._layer_sq(name, module, xd, g))
 
         return hook
+
+    def _hook_output(self, name: str, y: torch.Tensor, x: torch.Tensor, sq: Any) -> torch.Tensor:
+        """Adds ``sq(x, g)`` (x detached, g = the gradient of ``y``) to layer ``name``'s squared norms when ``y``'s
+        gradient arrives while the tracker is active; returns ``y``."""
+        if y.requires_grad:
+            xd = x.detach()
+
+            def on_grad(g: torch.Tensor) -> None:
+                if self._active:
+                    self._add(name, sq(xd, g.detach()))
+
+            y.register_hook(on_grad)
+        return y
 
     def _begin_call(self, name: str, x: torch.Tensor) -> None:
         """Checks one tracked call of module `name` on the batch-first input `x` (new step, reuse, batch size)."""
@@ -350,17 +357,12 @@ class GradNormTracker:
         bk = wt and _bookkeeping_ok(x, weight)
         if bk and self._form(t, d_in, d_out, True) == "direct":
             return _LinearBookkeeping.apply(x, weight, bias, self, name)
-        y = F.linear(x, weight, bias)
-        if y.requires_grad:
-            xd = x.detach()
-
-            def on_grad(g: torch.Tensor) -> None:
-                if self._active:
-                    a3, g3 = xd.reshape(b, -1, d_in), g.detach().reshape(b, -1, d_out)
-                    self._add(name, self._linear(name, a3, g3, wt, bt))
-
-            y.register_hook(on_grad)
-        return y
+        return self._hook_output(
+            name,
+            F.linear(x, weight, bias),
+            x,
+            lambda xd, g: self._linear(name, xd.reshape(b, -1, d_in), g.reshape(b, -1, d_out), wt, bt),
+        )
 
     def _conv_apply(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The forward of a tracked Conv1d/Conv2d call (the caller has run ``_begin_call``), as ``_linear_apply``."""
@@ -385,15 +387,7 @@ class GradNormTracker:
                 geometry = (tuple(module.stride), padding, tuple(module.dilation), module.groups)
                 return _ConvBookkeeping.apply(x, weight, bias, geometry, self, name)
         y = type(module).forward(module, x)
-        if y.requires_grad:
-            xd = x.detach()
-
-            def on_grad(g: torch.Tensor) -> None:
-                if self._active:
-                    self._add(name, self._conv(name, module, xd, g.detach()))
-
-            y.register_hook(on_grad)
-        return y
+        return self._hook_output(name, y, x, lambda xd, g: self._conv(name, module, xd, g))
 
     def _record(self, name: str, sq: torch.Tensor, method: str = "direct") -> None:
         self.methods[name] = method
@@ -415,15 +409,7 @@ class GradNormTracker:
         ):
             return _LayerNormTracked.apply(x, weight, bias, shape, module.eps, self, name)
         y = type(module).forward(module, x)
-        if y.requires_grad:
-            xd = x.detach()
-
-            def on_grad(g: torch.Tensor) -> None:
-                if self._active:
-                    self._add(name, self._layer_sq(name, module, xd, g.detach()))
-
-            y.register_hook(on_grad)
-        return y
+        return self._hook_output(name, y, x, lambda xd, g: self._layer_sq(name, module, xd, g))
 
     def _conv(self, name: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         weight, bias = _trainable(module.weight), _trainable(module.bias)
