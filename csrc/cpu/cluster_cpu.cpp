@@ -3,33 +3,14 @@
 // One thread: a block's unions touch parents all over [0, n), so threads would need atomics (CAS on parents) for a
 // step that costs well under the FAISS search producing the block (measured in bench/bench_density.py).
 #include <algorithm>
-#include <utility>
 #include <vector>
 
 #include "cluster.h"
 #include "common/check.h"
+#include "common/union_find.h"
 
 namespace pg {
 namespace {
-
-inline int64_t find_root(int64_t* parent, int64_t i) {
-  while (parent[i] != i) {
-    parent[i] = parent[parent[i]];  // path halving
-    i = parent[i];
-  }
-  return i;
-}
-
-inline bool unite(UnionFind& uf, int64_t a, int64_t b) {
-  a = find_root(uf.parent, a);
-  b = find_root(uf.parent, b);
-  if (a == b) return false;
-  // Union by size; equal sizes keep the smaller index as root, so the forest does not depend on edge direction.
-  if (uf.size[a] < uf.size[b] || (uf.size[a] == uf.size[b] && b < a)) std::swap(a, b);
-  uf.parent[b] = a;
-  uf.size[a] += uf.size[b];
-  return true;
-}
 
 void check_block(const NeighbourBlock& blk, int64_t n, int64_t n_ids) {
   PG_CHECK(blk.m >= 0, "negative block size ", blk.m);
@@ -52,7 +33,7 @@ int64_t uf_union_block_cpu(UnionFind uf, NeighbourBlock blk, const uint8_t* core
     if (!core[r]) continue;
     for (int64_t k = blk.lims[i]; k < blk.lims[i + 1]; ++k) {
       const int64_t j = blk.ids[k];
-      if (j >= 0 && j != r && core[j]) merged += unite(uf, r, j);
+      if (j >= 0 && j != r && core[j]) merged += uf_unite(uf.parent, uf.size, r, j);
     }
   }
   return merged;
@@ -64,7 +45,7 @@ int64_t uf_union_edges_cpu(UnionFind uf, const int64_t* edges, int64_t n_edges) 
     PG_CHECK(a >= 0 && a < uf.n && b >= 0 && b < uf.n, "edge ", e, " = (", a, ", ", b, ") is outside [0, ", uf.n, ")");
   }
   int64_t merged = 0;
-  for (int64_t e = 0; e < n_edges; ++e) merged += unite(uf, edges[2 * e], edges[2 * e + 1]);
+  for (int64_t e = 0; e < n_edges; ++e) merged += uf_unite(uf.parent, uf.size, edges[2 * e], edges[2 * e + 1]);
   return merged;
 }
 
@@ -72,7 +53,7 @@ int64_t uf_components_cpu(UnionFind uf, const uint8_t* mask, int64_t* labels) {
   std::vector<int64_t> root_label(static_cast<size_t>(uf.n), -1);
   int64_t count = 0;
   for (int64_t i = 0; i < uf.n; ++i) {
-    const int64_t r = find_root(uf.parent, i);
+    const int64_t r = uf_find(uf.parent, i);
     uf.parent[i] = r;
     if (mask != nullptr && !mask[i]) {
       labels[i] = -1;

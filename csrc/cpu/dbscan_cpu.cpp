@@ -31,6 +31,7 @@
 #include "cluster.h"
 #include "common/check.h"
 #include "common/parallel.h"
+#include "common/union_find.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -365,21 +366,6 @@ bool any_core_within(const Tree& t, const Radius& r, const uint8_t* core, const 
   return false;
 }
 
-inline int64_t find_root(int64_t* parent, int64_t i) {
-  while (parent[i] != i) {
-    parent[i] = parent[parent[i]];
-    i = parent[i];
-  }
-  return i;
-}
-
-inline int64_t unite_roots(int64_t* parent, int64_t* size, int64_t a, int64_t b) {
-  if (size[a] < size[b] || (size[a] == size[b] && b < a)) std::swap(a, b);
-  parent[b] = a;
-  size[a] += size[b];
-  return a;
-}
-
 // Core counts per node and a representative core row, bottom-up (children come after their parent).
 void summarise_core(Tree& t, const uint8_t* core) {
   auto& nodes = t.nodes();
@@ -398,7 +384,6 @@ void summarise_core(Tree& t, const uint8_t* core) {
       nd.n_core = l.n_core + r.n_core;
       nd.rep = l.rep >= 0 ? l.rep : r.rep;
     }
-    nd.same = nd.n_core <= 1;
   }
 }
 
@@ -410,14 +395,14 @@ void mark_same(Tree& t, const uint8_t* core, int64_t* parent) {
     if (nd.n_core <= 1) {
       nd.same = true;
     } else if (t.leaf(nd)) {
-      const int64_t r0 = find_root(parent, nd.rep);
+      const int64_t r0 = uf_find(parent, nd.rep);
       bool all = true;
-      for (int64_t u = nd.begin; u < nd.end && all; ++u) all = !core[u] || find_root(parent, u) == r0;
+      for (int64_t u = nd.begin; u < nd.end && all; ++u) all = !core[u] || uf_find(parent, u) == r0;
       nd.same = all;
     } else {
       const Node &a = nodes[nd.left], &b = nodes[nd.right];
       nd.same =
-          a.same && b.same && (a.n_core == 0 || b.n_core == 0 || find_root(parent, a.rep) == find_root(parent, b.rep));
+          a.same && b.same && (a.n_core == 0 || b.n_core == 0 || uf_find(parent, a.rep) == uf_find(parent, b.rep));
     }
   }
 }
@@ -590,8 +575,7 @@ int64_t dbscan_kdtree_cpu(const float* x, int64_t n, int64_t d, int64_t ld, doub
     for (int64_t i = 0; i < n_rec[p]; ++i) {
       const int64_t u = rec[p * cap + i];
       if (!core[u]) continue;
-      const int64_t a = find_root(parent.data(), p), b = find_root(parent.data(), u);
-      if (a != b) unite_roots(parent.data(), size.data(), a, b);
+      uf_unite(parent.data(), size.data(), p, u);
     }
   }
   mark_same(t, core.data(), parent.data());
@@ -610,14 +594,14 @@ int64_t dbscan_kdtree_cpu(const float* x, int64_t n, int64_t d, int64_t ld, doub
   for (int64_t i = 0; i < n; ++i) {
     const int64_t p = pos[i];
     if (!core[p]) continue;
-    const int64_t r = find_root(parent.data(), p);
+    const int64_t r = uf_find(parent.data(), p);
     if (root_label[r] < 0) root_label[r] = count++;
     label[p] = root_label[r];
   }
   std::vector<int64_t>().swap(root_label);
 
   // 3. borders: from the complete neighbour lists when min_samples <= cap, else by a search.
-  std::vector<int64_t> out(label);
+  // (written into label: the searches read the numbers of core rows only)
   if (min_samples <= cap) {
     for (int64_t p = 0; p < n; ++p) {
       if (core[p]) continue;
@@ -626,18 +610,18 @@ int64_t dbscan_kdtree_cpu(const float* x, int64_t n, int64_t d, int64_t ld, doub
         const int64_t u = rec[p * cap + i];
         if (core[u] && (best < 0 || label[u] < best)) best = label[u];
       }
-      out[p] = best;
+      label[p] = best;
     }
   } else {
     parallel_for(n, 2048, [&](int, int64_t b, int64_t e) {
       Scratch s(leaf_rows);
       for (int64_t p = b; p < e; ++p)
-        if (!core[p]) out[p] = border_label(t, r, core.data(), label.data(), t.row(p), s);
+        if (!core[p]) label[p] = border_label(t, r, core.data(), label.data(), t.row(p), s);
     });
   }
   lap();
   for (int64_t p = 0; p < n; ++p) {
-    labels[perm[p]] = out[p];
+    labels[perm[p]] = label[p];
     core_out[perm[p]] = core[p];
   }
   return count;
