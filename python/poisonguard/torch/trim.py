@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..ops.trim import check_trim, keep_count, trimmed_cross_entropy_backward, trimmed_cross_entropy_forward
+from ..ops.trim import (
+    TrimState,
+    check_trim,
+    keep_count,
+    trimmed_cross_entropy_backward,
+    trimmed_cross_entropy_forward,
+)
 
 _REDUCTIONS = ("mean", "sum", "none")
 # Write the gradient in the forward pass when the logits need one (CPU, float32, unit class stride, more than 16
@@ -82,8 +88,6 @@ class _TrimmedCrossEntropy(torch.autograd.Function):
         if eager is not None and grad_out.dim() == 0 and factor / ctx.grad_factor * float(grad_out) == 1.0:
             return eager.view(ctx.shape), None, None, None, None  # written for exactly this upstream gradient
         x3, t, row_max, log_sum, keep = ctx.saved_tensors
-        from ..ops.trim import TrimState
-
         state = TrimState(
             loss=None,
             keep=keep,
