@@ -6,6 +6,7 @@
 #include <string>
 
 #include "bind_util.h"
+#include "common/sqgemm.h"
 #include "gradnorm.h"
 
 namespace py = pybind11;
@@ -212,6 +213,12 @@ void pg_bind_gradnorm(py::module_& m) {
       "LayerNorm affine gradients: x and g [B, T, N] (host, strided), mean and rstd (B·T values, contiguous, float32 "
       "or float64 for float64 input); per-sample ‖Σ_t g⊙x̂‖² and ‖Σ_t g‖² into weight_sq / bias_sq [B] float64, their "
       "batch sums into grad_weight / grad_bias [N]; any output may be None.");
+
+  m.def("sqgemm_supported", &pg::sqgemm_supported,
+        "Whether the CPU runs the book-keeping form's AVX-512 kernel (float32 per-sample blocks squared in "
+        "registers); without it the book-keeping form uses BLAS per sample.");
+  m.def("sqgemm_set_enabled", &pg::sqgemm_set_enabled, py::arg("enabled"),
+        "Switch the AVX-512 book-keeping kernel on or off (for tests of the BLAS path); returns the previous setting.");
 
   m.def(
       "gradnorm_embedding",

@@ -145,6 +145,70 @@ def test_conv_bookkeeping_numpy_and_errors(rng):
         conv_grad_bookkeeping(x, g, kernel_size=(3, 3, 3))
 
 
+@pytest.fixture(params=["sqgemm", "blas"])
+def bk_path(request):
+    """Runs a test on both float32 book-keeping paths: the AVX-512 register-tile kernel (where the CPU has it) and
+    per-sample BLAS."""
+    from poisonguard import _core
+
+    if request.param == "sqgemm" and not _core.sqgemm_supported():
+        pytest.skip("this CPU has no AVX-512 (the book-keeping form uses BLAS)")
+    previous = _core.sqgemm_set_enabled(request.param == "sqgemm")
+    yield request.param
+    _core.sqgemm_set_enabled(previous)
+
+
+# (B, T, d_in, d_out): column blocks of 1-4 vectors and several blocks (d_out > 64) with partial last vectors; row
+# tiles with every remainder; T past one K chunk (chunks of 512/vectors, split when T > 1.5 chunks), with middle
+# chunks; T = 1
+SQGEMM_SHAPES = [
+    (3, 5, 25, 49),
+    (2, 200, 13, 70),
+    (2, 800, 7, 16),
+    (2, 1100, 30, 33),
+    (3, 1, 50, 5),
+    (2, 130, 47, 130),
+    (2, 300, 11, 64),
+    (4, 9, 24, 17),
+]
+
+
+@pytest.mark.parametrize("shape", SQGEMM_SHAPES, ids=[f"{b}x{t}x{i}x{o}" for b, t, i, o in SQGEMM_SHAPES])
+def test_bookkeeping_kernel_paths(rng, bk_path, shape):
+    b, t, din, dout = shape
+    a = rng.standard_normal((b, t, din)).astype(np.float32)
+    g = rng.standard_normal((b, t, dout)).astype(np.float32)
+    a64, g64 = a.astype(np.float64), g.astype(np.float64)
+    per_sample = np.einsum("bto,bti->boi", g64, a64)
+    want_sq = (per_sample**2).sum((1, 2))
+    for a_in, g_in in [(a, g), (np.asfortranarray(a), np.ascontiguousarray(g.transpose(0, 2, 1)).transpose(0, 2, 1))]:
+        w, bsq, grad, gb = linear_grad_bookkeeping(a_in, g_in, bias=True, bias_grad=True)
+        assert _rel(grad, per_sample.sum(0)) <= GTOL["float32"], (bk_path, shape)
+        assert _max_rel(w, want_sq) <= 1e-5, (bk_path, shape)
+        assert _max_rel(bsq, (g64.sum(1) ** 2).sum(1)) <= 1e-5
+        assert _rel(gb, g64.sum((0, 1))) <= GTOL["float32"]
+
+
+@pytest.mark.parametrize("conf", [(3, 32, (40, 40), 1, 1), (8, 70, (20, 18), 2, 2), (6, 9, (30,), 1, 3)])
+def test_conv_bookkeeping_kernel_paths(rng, bk_path, conf):
+    cin, cout, spatial, stride, groups = conf  # T up to 1600 (several K chunks), C_out past one column block
+    x = torch.from_numpy(rng.standard_normal((3, cin, *spatial)).astype(np.float32))
+    k = (3,) * len(spatial)
+    weight = torch.randn(cout, cin // groups, *k)
+    conv = F.conv1d if len(spatial) == 1 else F.conv2d
+    s, p, d = (stride,) * len(spatial), (1,) * len(spatial), (1,) * len(spatial)
+    g = torch.randn_like(conv(x, weight, None, s, p, d, groups))
+    w, bsq, grad, gb = conv_grad_bookkeeping(
+        x, g, kernel_size=k, stride=s, padding=p, dilation=d, groups=groups, bias=True, bias_grad=True
+    )
+    per_sample = _conv_reference(x, g, weight.shape, s, p, d, groups)
+    assert _rel(grad, per_sample.sum(0)) <= GTOL["float32"]
+    assert _max_rel(w, per_sample.flatten(1).pow(2).sum(1)) <= 1e-5
+    gsum = g.double().sum(dim=list(range(2, g.dim())))
+    assert _max_rel(bsq, gsum.pow(2).sum(1)) <= 1e-5
+    assert _rel(gb, gsum.sum(0)) <= GTOL["float32"]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_bookkeeping_bias_grad(rng, dtype):
     a = rng.standard_normal((5, 7, 6)).astype(dtype)

@@ -9,6 +9,7 @@
 #include "common/blas.h"
 #include "common/check.h"
 #include "common/parallel.h"
+#include "common/sqgemm.h"
 #include "gradnorm.h"
 
 namespace pg {
@@ -179,9 +180,22 @@ template <typename Tag>
 double bias_sqnorm(const BatchView& g, int64_t b, std::vector<double>& colsum) {
   using S = typename Tag::storage;
   colsum.assign(static_cast<size_t>(g.cols), 0.0);
-  for (int64_t r = 0; r < g.rows; ++r) {
-    const S* row = g.at<S>(b, r);
-    for (int64_t j = 0; j < g.cols; ++j) colsum[j] += static_cast<double>(load(Tag{}, row + j * g.col_stride));
+  if (g.row_stride == 1 && g.cols > 1) {  // channel-major (a convolution's gradient): each column is contiguous
+    for (int64_t j = 0; j < g.cols; ++j) {
+      const S* col = g.at<S>(b, 0) + j * g.col_stride;
+      double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t r = 0;
+      for (; r + 8 <= g.rows; r += 8) {
+        for (int k = 0; k < 8; ++k) acc[k] += static_cast<double>(load(Tag{}, col + r + k));
+      }
+      for (; r < g.rows; ++r) acc[r & 7] += static_cast<double>(load(Tag{}, col + r));
+      colsum[j] = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    }
+  } else {
+    for (int64_t r = 0; r < g.rows; ++r) {
+      const S* row = g.at<S>(b, r);
+      for (int64_t j = 0; j < g.cols; ++j) colsum[j] += static_cast<double>(load(Tag{}, row + j * g.col_stride));
+    }
   }
   double s = 0;
   for (double c : colsum) s += c * c;
@@ -230,6 +244,39 @@ double direct_block_accumulate(const BlasBlock<C>& pa, const BlasBlock<C>& pg, i
   return s;
 }
 
+// One sample of the book-keeping form by sqgemm (float32, AVX-512): for each channel group k, Mᵀ = Aᵀ G [d_in,
+// d_out] is added into accᵀ's block k and its squares summed. G [T, cols] must be row-major for the kernel's vector
+// loads: a transposed block (a convolution's channel-major output gradient) is packed into vbuf first.
+template <typename ABlock>
+double sample_sqgemm(const BlasBlock<float>& pg, int64_t t, int64_t cols, int64_t groups, int64_t d_in, int64_t d_out,
+                     std::vector<float>& vbuf, float* acc_t, ABlock&& a_block) {
+  const float* v = pg.ptr;
+  int64_t ldv = pg.ld;
+  if (pg.trans) {  // stored [cols, T]: transpose in 16 × 16 blocks
+    vbuf.resize(static_cast<size_t>(t * cols));
+    constexpr int64_t kB = 16;
+    for (int64_t c0 = 0; c0 < cols; c0 += kB) {
+      const int64_t c1 = std::min(cols, c0 + kB);
+      for (int64_t t0 = 0; t0 < t; t0 += kB) {
+        const int64_t t1 = std::min(t, t0 + kB);
+        for (int64_t c = c0; c < c1; ++c) {
+          const float* src = pg.ptr + c * pg.ld;
+          for (int64_t r = t0; r < t1; ++r) vbuf[r * cols + c] = src[r];
+        }
+      }
+    }
+    v = vbuf.data();
+    ldv = cols;
+  }
+  double s = 0;
+  for (int64_t k = 0; k < groups; ++k) {
+    const BlasBlock<float> pa = a_block(k);  // A [T, d_in]: stored [d_in, T] when trans
+    const int64_t s_r = pa.trans ? pa.ld : 1, s_k = pa.trans ? 1 : pa.ld;
+    s += sqgemm_accumulate(d_in, d_out, t, pa.ptr, s_r, s_k, v + k * d_out, ldv, acc_t + k * d_in * d_out, d_out);
+  }
+  return s;
+}
+
 // Driver of the book-keeping form over samples: for sample b and channel group k, a_block(b, k, buf) gives A [T,
 // d_in]; G is g's sample b, columns k·d_out .. (k+1)·d_out. grad_weight [groups·d_out, d_in] is the sum over samples.
 template <typename Tag, typename ABlock>
@@ -250,18 +297,23 @@ void bookkeeping_impl(const BatchView& g, int64_t groups, int64_t t, int64_t d_i
   const int ranges = parallel_ranges(nb, min_per_thread);
   SingleThreadedBlas single(ranges > 1);
   const int64_t tile = direct_tile_rows(d_out, d_in);
+  // float32 on AVX-512: each sample's block formed, squared and summed in registers (sqgemm); it accumulates
+  // grad_weightᵀ per group [d_in, d_out] in every range, transposed and added in order at the end
+  bool fast = false;
+  if constexpr (std::is_same_v<C, float>) fast = sqgemm_available();
   // range 0 accumulates into grad_weight itself, the others into their own buffers, added in order at the end
-  std::vector<std::vector<C>> partial(static_cast<size_t>(std::max(ranges - 1, 0)));
+  std::vector<std::vector<C>> partial(static_cast<size_t>(std::max(fast ? ranges : ranges - 1, 0)));
   // the bias gradient Σ_b Σ_t g_t: per range in float64 from the per-sample column sums, ranges added in order
   const bool want_bias = grad_bias != nullptr;
   std::vector<std::vector<double>> bias_part(want_bias ? static_cast<size_t>(ranges) : 0);
   parallel_for(nb, min_per_thread, [&](int r, int64_t b0, int64_t b1) {
     C* acc = grad_weight;
-    if (r > 0) {
-      partial[r - 1].assign(nw, C(0));
-      acc = partial[r - 1].data();
+    if (fast || r > 0) {
+      auto& p = partial[fast ? r : r - 1];
+      p.assign(nw, C(0));
+      acc = p.data();
     }
-    std::vector<C> abuf, gbuf, m;
+    std::vector<C> abuf, gbuf, vbuf, m;
     std::vector<double> colsum;
     if (want_bias) bias_part[r].assign(static_cast<size_t>(g.cols), 0.0);
     for (int64_t b = b0; b < b1; ++b) {
@@ -279,6 +331,14 @@ void bookkeeping_impl(const BatchView& g, int64_t groups, int64_t t, int64_t d_i
       }
       const BlasBlock<C> pg = sample_for_blas<Tag>(g, b, gbuf);
       double s = 0;
+      if constexpr (std::is_same_v<C, float>) {
+        if (fast) {
+          s = sample_sqgemm(pg, g.rows, g.cols, groups, d_in, d_out, vbuf, acc,
+                            [&](int64_t k) { return a_block(b, k, abuf); });
+          weight_sq[b] = s;
+          continue;
+        }
+      }
       for (int64_t k = 0; k < groups; ++k) {
         const BlasBlock<C> pa = a_block(b, k, abuf);
         s += direct_block_accumulate<C>(pa, block_columns(pg, k * d_out), ti, dii, d_out, tile, m,
@@ -287,8 +347,20 @@ void bookkeeping_impl(const BatchView& g, int64_t groups, int64_t t, int64_t d_i
       weight_sq[b] = s;
     }
   });
-  for (const auto& p : partial) {
-    for (size_t i = 0; i < nw; ++i) grad_weight[i] += p[i];
+  if (fast) {  // grad_weight[k·d_out + o, i] = Σ_ranges accᵀ[k][i, o]
+    for (int64_t k = 0; k < groups; ++k) {
+      for (int64_t i = 0; i < d_in; ++i) {
+        for (const auto& p : partial) {
+          const C* src = p.data() + (k * d_in + i) * d_out;
+          C* dst = grad_weight + k * d_out * d_in + i;
+          for (int64_t o = 0; o < d_out; ++o) dst[o * d_in] += src[o];
+        }
+      }
+    }
+  } else {
+    for (const auto& p : partial) {
+      for (size_t i = 0; i < nw; ++i) grad_weight[i] += p[i];
+    }
   }
   if (want_bias) {
     for (int64_t j = 0; j < g.cols; ++j) {
@@ -300,6 +372,8 @@ void bookkeeping_impl(const BatchView& g, int64_t groups, int64_t t, int64_t d_i
 }
 
 // Sample b's unfolded input for channel group k, packed row-major [C/groups·kh·kw, L] into buf (zero padding).
+// Each input plane is first copied (in the compute type) into a zero-bordered plane at the end of buf, so that
+// every patch row is a plain strided read with no bounds checks.
 template <typename Tag>
 BlasBlock<typename Tag::compute> unfold_sample(const ConvInputView& x, int64_t b, int64_t k,
                                                std::vector<typename Tag::compute>& buf) {
@@ -307,31 +381,35 @@ BlasBlock<typename Tag::compute> unfold_sample(const ConvInputView& x, int64_t b
   using C = typename Tag::compute;
   const int64_t cg = x.channels / x.groups, kh = x.kernel_h, kw = x.kernel_w;
   const int64_t oh = x.out_h, ow = x.out_w, l = oh * ow;
-  buf.resize(static_cast<size_t>(cg * kh * kw * l));
+  const int64_t hp = x.height + 2 * x.pad_h, wp = x.width + 2 * x.pad_w;
+  const size_t rows_size = static_cast<size_t>(cg * kh * kw * l);
+  buf.resize(rows_size + static_cast<size_t>(hp * wp));
+  C* plane = buf.data() + rows_size;
   const S* base = static_cast<const S*>(x.data) + b * x.batch_stride + k * cg * x.channel_stride;
+  const int64_t sw = x.stride_w;
   for (int64_t c = 0; c < cg; ++c) {
-    const S* plane = base + c * x.channel_stride;
+    // the zero-bordered plane [hp, wp]: borders zeroed, interior converted from the input
+    std::fill(plane, plane + x.pad_h * wp, C(0));
+    std::fill(plane + (x.pad_h + x.height) * wp, plane + hp * wp, C(0));
+    const S* src_plane = base + c * x.channel_stride;
+    for (int64_t h = 0; h < x.height; ++h) {
+      C* dst = plane + (h + x.pad_h) * wp;
+      std::fill(dst, dst + x.pad_w, C(0));
+      std::fill(dst + x.pad_w + x.width, dst + wp, C(0));
+      const S* src = src_plane + h * x.row_stride;
+      for (int64_t w = 0; w < x.width; ++w) dst[x.pad_w + w] = load(Tag{}, src + w * x.col_stride);
+    }
     for (int64_t i = 0; i < kh; ++i) {
       for (int64_t j = 0; j < kw; ++j) {
         C* row = buf.data() + ((c * kh + i) * kw + j) * l;
-        // output columns whose input column wo·sw + j·dw − pw lies inside [0, width)
-        const int64_t off = j * x.dilation_w - x.pad_w;
-        int64_t lo = off >= 0 ? 0 : (-off + x.stride_w - 1) / x.stride_w;
-        int64_t hi = x.width - off <= 0 ? 0 : (x.width - off + x.stride_w - 1) / x.stride_w;
-        lo = std::min(lo, ow);
-        hi = std::clamp(hi, lo, ow);
         for (int64_t ho = 0; ho < oh; ++ho) {
+          const C* src = plane + (ho * x.stride_h + i * x.dilation_h) * wp + j * x.dilation_w;
           C* dst = row + ho * ow;
-          const int64_t ih = ho * x.stride_h + i * x.dilation_h - x.pad_h;
-          if (ih < 0 || ih >= x.height) {
-            std::fill(dst, dst + ow, C(0));
-            continue;
+          if (sw == 1) {
+            std::copy(src, src + ow, dst);
+          } else {
+            for (int64_t wo = 0; wo < ow; ++wo) dst[wo] = src[wo * sw];
           }
-          const S* src = plane + ih * x.row_stride + off * x.col_stride;
-          std::fill(dst, dst + lo, C(0));
-          const int64_t step = x.stride_w * x.col_stride;
-          for (int64_t wo = lo; wo < hi; ++wo) dst[wo] = load(Tag{}, src + wo * step);
-          std::fill(dst + hi, dst + ow, C(0));
         }
       }
     }
