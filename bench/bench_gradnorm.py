@@ -269,7 +269,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp,cnn,transformer")
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=5, help="rounds (each runs a block of every implementation)")
+    ap.add_argument("--block", type=int, default=3, help="steps per block; the first of each block is not timed")
     ap.add_argument("--threads", type=int, default=0, help="torch and poisonguard threads (0 = leave as is)")
     ap.add_argument("--skip-opacus", action="store_true")
     ap.add_argument("--skip-vmap", action="store_true")
@@ -306,18 +307,22 @@ def main() -> None:
                 other = steps[impl]()
                 err = float((ref - other).abs().max() / other.abs().max())
                 print(f"  agreement tracker vs {impl}: max relative difference {err:.2e}")
-        # time the steps in interleaved rounds so that load changes on a shared machine hit all of them alike; the
-        # order rotates each round, so that no step always runs right after the same one (a step that follows
-        # opacus or vmap finds the allocator's pages already touched, which sped up whichever step came next)
+        # time the steps in rounds of blocks: each block runs one implementation `--block` times in a row and keeps
+        # all but its first step, so every implementation is timed in its own steady state (the step after a switch
+        # inherits the previous one's allocator and thread state: opacus and vmap free gigabytes, after which the
+        # next step's large tensors come back from the heap or from fresh pages). The block order rotates each round
+        # so that load drift on a shared machine hits all of them alike.
         times: dict[str, list[float]] = {k: [] for k in steps}
         for k in steps:
             steps[k]()  # warm-up
         names = list(steps)
         for i in range(args.repeat):
             for k in names[i % len(names) :] + names[: i % len(names)]:
-                t0 = time.perf_counter()
-                steps[k]()
-                times[k].append(time.perf_counter() - t0)
+                for j in range(args.block):
+                    t0 = time.perf_counter()
+                    steps[k]()
+                    if j > 0 or args.block == 1:
+                        times[k].append(time.perf_counter() - t0)
         med = {k: float(np.median(v)) for k, v in times.items()}
         mem = {}
         if not args.no_memory:

@@ -371,6 +371,12 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("get_num_threads", &pg::get_num_threads);
   m.def("set_num_threads", &pg::set_num_threads, py::arg("n"));
+  m.def("set_openmp_runtime", &pg::set_openmp_runtime, py::arg("gomp_parallel"), py::arg("omp_get_thread_num"),
+        py::arg("omp_get_num_threads"),
+        "Run poisonguard's parallel loops on the threads of an OpenMP runtime (libgomp) already loaded in the process, "
+        "given the addresses of its GOMP_parallel, omp_get_thread_num and omp_get_num_threads (all 0: threads of our "
+        "own again); returns whether one was set before.");
+  m.def("openmp_runtime_set", &pg::openmp_runtime_set);
   m.def("blas_get_num_threads", &pg::blas_get_num_threads);
   m.def("blas_set_num_threads", &pg::blas_set_num_threads, py::arg("n"));
   m.def("built_with_cuda", &pg::built_with_cuda);

@@ -15,6 +15,12 @@ void set_num_threads(int n);
 /// suffices (n < min_per_thread * 2 or one thread). Exceptions thrown by fn are rethrown in the caller.
 void parallel_for(int64_t n, int64_t min_per_thread, const std::function<void(int, int64_t, int64_t)>& fn);
 
+/// Runs parallel_for's ranges on an OpenMP runtime already loaded in the process (addresses of its GOMP_parallel,
+/// omp_get_thread_num and omp_get_num_threads; all zero = back to threads of our own). Returns whether one was set.
+bool set_openmp_runtime(std::uintptr_t gomp_parallel, std::uintptr_t omp_get_thread_num,
+                        std::uintptr_t omp_get_num_threads);
+bool openmp_runtime_set();
+
 /// The number of ranges parallel_for(n, min_per_thread, ...) will use.
 int parallel_ranges(int64_t n, int64_t min_per_thread);
 

@@ -3,6 +3,7 @@
 // Compiled per function for AVX-512 (target attributes), so the rest of the module keeps the baseline ISA.
 #include "common/sqgemm.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <stdexcept>
@@ -29,6 +30,8 @@ struct Operands {
   int64_t ldv;
   float* acc;
   int64_t ld_acc;
+  // S packed in panels (see pack_panel): panel_k = its full K (0: S read through s_r / s_k), k0 = the chunk's start
+  int64_t panel_k = 0, k0 = 0;
 };
 
 // One tile: rows [0, R) of s (already offset), NV vectors of columns of v / acc (already offset), over k in
@@ -115,8 +118,16 @@ PG_AVX512 void rows_pass(int64_t rows, Operands o, __mmask16 tail, float* part, 
   const float* s0 = o.s;
   float* acc0 = o.acc;
   constexpr int64_t ld_part = 16 * NV;
+  const int64_t s_r = o.s_r;
   for (int64_t r0 = 0; r0 < rows; r0 += R) {
-    o.s = s0 + r0 * o.s_r;
+    if (o.panel_k != 0) {  // rows [r0, r0 + rb) are the panel at r0·K: [K, rb], entry (r, k) at k·rb + r - r0
+      const int64_t rb = rows - r0 < R ? rows - r0 : R;
+      o.s = s0 + r0 * o.panel_k + o.k0 * rb;
+      o.s_r = 1;
+      o.s_k = rb;
+    } else {
+      o.s = s0 + r0 * s_r;
+    }
     o.acc = acc0 + r0 * o.ld_acc;
     float* p = part + r0 * ld_part;
     if (r0 + R <= rows) {
@@ -140,7 +151,11 @@ PG_AVX512 void column_block(int64_t rows, const Operands& o, __mmask16 tail, flo
     Operands c = o;
     c.k = o.k - k0 < chunk ? o.k - k0 : chunk;
     c.v = o.v + k0 * o.ldv;
-    c.s = o.s + k0 * o.s_k;
+    if (o.panel_k != 0) {
+      c.k0 = k0;
+    } else {
+      c.s = o.s + k0 * o.s_k;
+    }
     if (k0 == 0) {
       rows_pass<NV, R, Phase::kFirst>(rows, c, tail, part, lo, hi);
     } else if (k0 + chunk >= o.k) {
@@ -151,8 +166,36 @@ PG_AVX512 void column_block(int64_t rows, const Operands& o, __mmask16 tail, flo
   }
 }
 
-PG_AVX512 double run(int64_t rows, int64_t cols, const Operands& base) {
-  thread_local std::vector<float> scratch;
+// S [rows, K] with rows contiguous (s_r = 1, a [T, d_in] input read down its columns) packed for tiles of R rows:
+// rows [r0, r0 + rb) become a panel [K, rb] at out + r0·K, so each k's broadcasts are adjacent and every panel is
+// read front to back. Read in place, a column of such an input touches one line per row of the input, and at a
+// power-of-two row length (2 KiB for 512 floats) those lines fall in 2 of L1's 64 sets and evict each other.
+PG_AVX512 void pack_panel(int64_t rows, int64_t k, const float* s, int64_t s_k, int64_t r_tile, float* out) {
+  for (int64_t r0 = 0; r0 < rows; r0 += r_tile) {
+    const int64_t rb = rows - r0 < r_tile ? rows - r0 : r_tile;
+    const __mmask16 m0 = static_cast<__mmask16>(rb >= 16 ? 0xFFFFu : (1u << rb) - 1u);
+    const __mmask16 m1 = static_cast<__mmask16>(rb > 16 ? (1u << (rb - 16)) - 1u : 0u);
+    const float* src = s + r0;
+    float* dst = out + r0 * k;
+    for (int64_t kk = 0; kk < k; ++kk, src += s_k, dst += rb) {
+      _mm512_mask_storeu_ps(dst, m0, _mm512_maskz_loadu_ps(m0, src));
+      if (m1 != 0) _mm512_mask_storeu_ps(dst + 16, m1, _mm512_maskz_loadu_ps(m1, src + 16));
+    }
+  }
+}
+
+// Rows of a tile for NV vectors of columns.
+constexpr int64_t tile_rows(int nv) {
+  return nv == 1 ? 24 : nv == 2 ? 12 : nv == 3 ? 8 : 6;
+}
+
+// Each column block of V is also copied into rows of exactly its width when V's rows are longer, for the same
+// reason.
+PG_AVX512 double run(int64_t rows, int64_t cols, Operands base) {
+  thread_local std::vector<float> scratch, s_pack, v_pack;
+  const bool panel = base.s_r == 1 && base.s_k != 1 && base.k > 1;
+  int64_t packed_for = 0;  // the tile rows of the panels in s_pack
+  const float* s_in = base.s;
   __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
   for (int64_t c0 = 0; c0 < cols; c0 += 64) {
     const int64_t width = cols - c0 < 64 ? cols - c0 : 64;
@@ -162,6 +205,25 @@ PG_AVX512 double run(int64_t rows, int64_t cols, const Operands& base) {
     Operands o = base;
     o.v = base.v + c0;
     o.acc = base.acc + c0;
+    if (panel && packed_for != tile_rows(nv)) {
+      packed_for = tile_rows(nv);
+      s_pack.resize(static_cast<size_t>(rows * base.k));
+      pack_panel(rows, base.k, s_in, base.s_k, packed_for, s_pack.data());
+      o.s = s_pack.data();
+      o.panel_k = base.k;
+    } else if (panel) {
+      o.s = s_pack.data();
+      o.panel_k = base.k;
+    }
+    if (base.ldv != width && base.k > 1) {
+      v_pack.resize(static_cast<size_t>(base.k * width));
+      for (int64_t k = 0; k < base.k; ++k) {
+        const float* src = o.v + k * base.ldv;
+        std::copy(src, src + width, v_pack.data() + k * width);
+      }
+      o.v = v_pack.data();
+      o.ldv = width;
+    }
     if (o.k > 768 / nv)
       scratch.resize(static_cast<size_t>(rows * 16 * nv));  // more than one K chunk (see column_block)
     float* part = scratch.data();

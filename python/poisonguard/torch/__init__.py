@@ -18,9 +18,12 @@ except ImportError as exc:  # pragma: no cover - torch is installed in the test 
         "(or install torch for your platform from pytorch.org)"
     ) from exc
 
+from ._threads import share_torch_openmp
 from .gradnorm import GradNormTracker
 from .monitors import GradNormHistory, LossHistory
 from .trim import TrimmedCrossEntropyLoss, trimmed_cross_entropy, trimmed_loss
+
+share_torch_openmp()
 
 __all__ = [
     "GradNormHistory",
