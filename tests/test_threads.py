@@ -92,3 +92,27 @@ def test_own_threads_on_request():
     env = dict(os.environ, POISONGUARD_OWN_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _child(q):
+    q.put(_same(_work(1), _work(1)))
+
+
+@linux_only
+def test_forked_child_runs_loops_on_its_own_threads():
+    import multiprocessing as mp
+
+    _threads.share_torch_openmp()
+    pg.set_num_threads(2)
+    _work(1)  # the parent's OpenMP pool is started
+    torch.ones(1 << 16).sum()
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q,))
+    p.start()
+    p.join(60)
+    alive = p.is_alive()
+    if alive:  # pragma: no cover - the failure this guards against: a child hung in libgomp
+        p.kill()
+    pg.set_num_threads(0)
+    assert not alive and p.exitcode == 0 and q.get(timeout=5)

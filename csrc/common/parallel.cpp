@@ -7,6 +7,8 @@
 #include <thread>
 #include <vector>
 
+#include <unistd.h>
+
 #include "common/blas.h"
 
 namespace pg {
@@ -22,6 +24,7 @@ using OmpQuery = int (*)();
 struct OpenMpRuntime {
   GompParallel parallel = nullptr;
   OmpQuery thread_num = nullptr, num_threads = nullptr;
+  pid_t pid = 0;  // libgomp's pool does not survive fork(): a forked child uses threads of our own
 };
 std::atomic<const OpenMpRuntime*> g_openmp{nullptr};
 OpenMpRuntime g_openmp_slot;
@@ -63,6 +66,7 @@ bool set_openmp_runtime(std::uintptr_t gomp_parallel, std::uintptr_t omp_get_thr
   g_openmp_slot.parallel = reinterpret_cast<GompParallel>(gomp_parallel);
   g_openmp_slot.thread_num = reinterpret_cast<OmpQuery>(omp_get_thread_num);
   g_openmp_slot.num_threads = reinterpret_cast<OmpQuery>(omp_get_num_threads);
+  g_openmp_slot.pid = getpid();
   g_openmp.store(&g_openmp_slot);
   return had;
 }
@@ -95,7 +99,9 @@ void parallel_for(int64_t n, int64_t min_per_thread, const std::function<void(in
     return;
   }
   std::vector<std::exception_ptr> errors(t);
-  const Job job{t, n, &fn, &errors, g_openmp.load()};
+  const OpenMpRuntime* rt = g_openmp.load();
+  if (rt != nullptr && rt->pid != getpid()) rt = nullptr;
+  const Job job{t, n, &fn, &errors, rt};
   if (job.rt != nullptr) {
     job.rt->parallel(openmp_body, const_cast<Job*>(&job), static_cast<unsigned>(t), 0u);
   } else {
