@@ -346,6 +346,18 @@ def main() -> None:
             + (f", opacus/tracker {med['opacus'] / med['tracker']:.2f} (>= 3)" if "opacus" in med else "")
             + (f", vmap/tracker {med['vmap'] / med['tracker']:.2f} (>= 10)" if "vmap" in med else "")
         )
+        # what the per-sample norms add to a training step (each step minus the plain one): the targets above compare
+        # whole steps, whose shared forward and backward bound the ratios by what the baselines cost over a plain step
+        extra = {k: med[k] - med["plain"] for k in med if k != "plain"}
+        print(
+            "  cost over a plain step: "
+            + ", ".join(f"{k} {1e3 * v:+.1f} ms" for k, v in extra.items())
+            + "".join(
+                f"; {k} / tracker {extra[k] / extra['tracker']:.0f}x"
+                for k in ("opacus", "vmap")
+                if k in extra and extra["tracker"] > 0
+            )
+        )
         if not args.no_layers:
             rows = layer_table(model, x, y, max(3, args.repeat))
             print(

@@ -11,3 +11,6 @@ fi
 .venv/bin/python -m pip install -q torch==2.13.0
 # POISONGUARD_CUDA=AUTO (the default) compiles the CUDA kernels when nvcc is found; the module imports either way.
 .venv/bin/python -m pip install -q ".[${extras}]"
+# The build requirements as well, so that `pip install --no-build-isolation .` rebuilds in place after a change.
+.venv/bin/python -c 'import sys, tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+  | xargs -r .venv/bin/python -m pip install -q
