@@ -160,8 +160,9 @@ def bk_path(request):
 
 # (B, T, d_in, d_out): column blocks of 1-4 vectors and several blocks (d_out > 64) with partial last vectors; row
 # tiles with every remainder; T past one K chunk (chunks of 512/vectors, split when T > 1.5 chunks), with middle
-# chunks; T = 1
+# chunks; T = 1; T = 256 at 3 vectors (split, chunks of 170)
 SQGEMM_SHAPES = [
+    (2, 256, 10, 40),
     (3, 5, 25, 49),
     (2, 200, 13, 70),
     (2, 800, 7, 16),

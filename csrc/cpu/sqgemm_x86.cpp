@@ -138,12 +138,20 @@ PG_AVX512 void rows_pass(int64_t rows, Operands o, __mmask16 tail, float* part, 
   }
 }
 
-// One column block over all of K, in chunks whose rows of V (chunk × 16·NV floats) stay within 32 KiB of L1,
-// partial sums kept in `part` [rows, 16·NV] between chunks.
+// K chunks of a column block of nv vectors: chunk × 16·nv floats of V within 32 KiB of L1. K is split when it
+// exceeds 1.5 chunks.
+constexpr int64_t chunk_k(int nv) {
+  return 8192 / (16 * nv);
+}
+constexpr bool split_k(int64_t k, int nv) {
+  return k > chunk_k(nv) + chunk_k(nv) / 2;
+}
+
+// One column block over all of K, in chunks (chunk_k), partial sums kept in `part` [rows, 16·NV] between chunks.
 template <int NV, int R>
 PG_AVX512 void column_block(int64_t rows, const Operands& o, __mmask16 tail, float* part, __m512d& lo, __m512d& hi) {
-  constexpr int64_t chunk = 8192 / (16 * NV);
-  if (o.k <= chunk + chunk / 2) {
+  constexpr int64_t chunk = chunk_k(NV);
+  if (!split_k(o.k, NV)) {
     rows_pass<NV, R, Phase::kOnly>(rows, o, tail, part, lo, hi);
     return;
   }
@@ -224,8 +232,7 @@ PG_AVX512 double run(int64_t rows, int64_t cols, Operands base) {
       o.v = v_pack.data();
       o.ldv = width;
     }
-    if (o.k > 768 / nv)
-      scratch.resize(static_cast<size_t>(rows * 16 * nv));  // more than one K chunk (see column_block)
+    if (split_k(o.k, nv)) scratch.resize(static_cast<size_t>(rows * 16 * nv));  // the partial sums
     float* part = scratch.data();
     switch (nv) {
       case 1:
