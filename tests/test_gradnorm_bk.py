@@ -201,14 +201,14 @@ def test_sqgemm_isa_switch():
 def test_sqgemm_paths_agree(rng):
     """The three float32 paths on one linear and one convolution shape: norms and gradients within float32 rounding
     of each other."""
+    from poisonguard import _core
+
     a = rng.standard_normal((3, 1100, 30)).astype(np.float32)
     g = rng.standard_normal((3, 1100, 33)).astype(np.float32)
     x = rng.standard_normal((3, 8, 20, 18)).astype(np.float32)
     gc = rng.standard_normal((3, 70, 10, 9)).astype(np.float32)
     got = {}
     for path in SQGEMM_PATHS:
-        from poisonguard import _core
-
         try:
             previous = _core.sqgemm_set_isa("none" if path == "blas" else path)
         except ValueError:
