@@ -214,11 +214,30 @@ void pg_bind_gradnorm(py::module_& m) {
       "or float64 for float64 input); per-sample ‖Σ_t g⊙x̂‖² and ‖Σ_t g‖² into weight_sq / bias_sq [B] float64, their "
       "batch sums into grad_weight / grad_bias [N]; any output may be None.");
 
-  m.def("sqgemm_supported", &pg::sqgemm_supported,
-        "Whether the CPU runs the book-keeping form's AVX-512 kernel (float32 per-sample blocks squared in "
-        "registers); without it the book-keeping form uses BLAS per sample.");
-  m.def("sqgemm_set_enabled", &pg::sqgemm_set_enabled, py::arg("enabled"),
-        "Switch the AVX-512 book-keeping kernel on or off (for tests of the BLAS path); returns the previous setting.");
+  m.def(
+      "sqgemm_isa", [] { return std::string(pg::sqgemm_isa_name(pg::sqgemm_isa())); },
+      "The instruction set of the book-keeping form's float32 kernel in use (per-sample blocks squared in registers): "
+      "'avx512', 'avx2' or 'none' (BLAS per sample).");
+  m.def(
+      "sqgemm_best_isa", [] { return std::string(pg::sqgemm_isa_name(pg::sqgemm_best_isa())); },
+      "The best instruction set this CPU runs the book-keeping kernel with: 'avx512' (AVX-512 F and DQ), 'avx2' "
+      "(AVX2 and FMA) or 'none'; sqgemm_isa() starts there.");
+  m.def(
+      "sqgemm_set_isa",
+      [](const std::string& name) {
+        pg::SqgemmIsa isa = pg::SqgemmIsa::none;
+        if (name == "avx512") {
+          isa = pg::SqgemmIsa::avx512;
+        } else if (name == "avx2") {
+          isa = pg::SqgemmIsa::avx2;
+        } else if (name != "none") {
+          throw py::value_error("sqgemm_set_isa: unknown ISA '" + name + "' (allowed: 'avx512', 'avx2', 'none')");
+        }
+        return std::string(pg::sqgemm_isa_name(pg::sqgemm_set_isa(isa)));  // std::invalid_argument → ValueError
+      },
+      py::arg("name"),
+      "Switch the book-keeping kernel's instruction set ('avx512', 'avx2', or 'none' for BLAS per sample; for tests "
+      "and timings); returns the previous one. ValueError for an unknown name or one this CPU lacks.");
 
   m.def(
       "gradnorm_embedding",

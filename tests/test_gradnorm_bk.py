@@ -145,23 +145,97 @@ def test_conv_bookkeeping_numpy_and_errors(rng):
         conv_grad_bookkeeping(x, g, kernel_size=(3, 3, 3))
 
 
-@pytest.fixture(params=["sqgemm", "blas"])
-def bk_path(request):
-    """Runs a test on both float32 book-keeping paths: the AVX-512 register-tile kernel (where the CPU has it) and
-    per-sample BLAS."""
+SQGEMM_PATHS = ["avx512", "avx2", "blas"]
+
+
+def _set_bk_path(path: str) -> str:
+    """Switches the float32 book-keeping kernel to `path` ("blas": no sqgemm kernel); returns the previous ISA name.
+    Skips the test where the CPU lacks the ISA."""
     from poisonguard import _core
 
-    if request.param == "sqgemm" and not _core.sqgemm_supported():
-        pytest.skip("this CPU has no AVX-512 (the book-keeping form uses BLAS)")
-    previous = _core.sqgemm_set_enabled(request.param == "sqgemm")
-    yield request.param
-    _core.sqgemm_set_enabled(previous)
+    isa = "none" if path == "blas" else path
+    try:
+        return _core.sqgemm_set_isa(isa)
+    except ValueError:
+        pytest.skip(f"this CPU has no {path} (its best sqgemm ISA is {_core.sqgemm_best_isa()})")
 
 
-# (B, T, d_in, d_out): column blocks of 1-4 vectors and several blocks (d_out > 64) with partial last vectors; row
-# tiles with every remainder; T past one K chunk (chunks of 512/vectors, split when T > 1.5 chunks), with middle
-# chunks; T = 1
+@pytest.fixture(params=SQGEMM_PATHS)
+def bk_path(request):
+    """Runs a test on each float32 book-keeping path: the register-tile kernel for AVX-512 and for AVX2 + FMA (where
+    the CPU has them) and per-sample BLAS."""
+    from poisonguard import _core
+
+    previous = _set_bk_path(request.param)
+    try:
+        yield request.param
+    finally:
+        _core.sqgemm_set_isa(previous)
+
+
+def test_sqgemm_isa_switch():
+    from poisonguard import _core
+
+    best = _core.sqgemm_best_isa()
+    assert best in ("avx512", "avx2", "none")
+    previous = _core.sqgemm_isa()
+    assert previous in ("avx512", "avx2", "none")
+    try:
+        assert _core.sqgemm_set_isa("none") == previous
+        assert _core.sqgemm_isa() == "none"
+        assert _core.sqgemm_set_isa(best) == "none"
+        assert _core.sqgemm_isa() == best
+        for bad in ("sse", "AVX2", "", "blas"):
+            with pytest.raises(ValueError, match=r"unknown ISA '.*'.*'avx512', 'avx2', 'none'"):
+                _core.sqgemm_set_isa(bad)
+        assert _core.sqgemm_isa() == best
+        lacking = {"none": ["avx2", "avx512"], "avx2": ["avx512"], "avx512": []}[best]
+        for isa in lacking:  # only on CPUs without it
+            with pytest.raises(ValueError, match=f"lacks '{isa}'.*allowed here: .*'none'"):
+                _core.sqgemm_set_isa(isa)
+            assert _core.sqgemm_isa() == best
+    finally:
+        _core.sqgemm_set_isa(previous)
+
+
+def test_sqgemm_paths_agree(rng):
+    """The three float32 paths on one linear and one convolution shape: norms and gradients within float32 rounding
+    of each other."""
+    from poisonguard import _core
+
+    a = rng.standard_normal((3, 1100, 30)).astype(np.float32)
+    g = rng.standard_normal((3, 1100, 33)).astype(np.float32)
+    x = rng.standard_normal((3, 8, 20, 18)).astype(np.float32)
+    gc = rng.standard_normal((3, 70, 10, 9)).astype(np.float32)
+    got = {}
+    for path in SQGEMM_PATHS:
+        try:
+            previous = _core.sqgemm_set_isa("none" if path == "blas" else path)
+        except ValueError:
+            continue
+        try:
+            lin = linear_grad_bookkeeping(a, g, bias=True, bias_grad=True)
+            conv = conv_grad_bookkeeping(x, gc, kernel_size=3, stride=2, padding=1, groups=2, bias=True, bias_grad=True)
+            got[path] = (lin, conv)
+        finally:
+            _core.sqgemm_set_isa(previous)
+    assert "blas" in got
+    ref_lin, ref_conv = got["blas"]
+    for path, (lin, conv) in got.items():
+        for want, have in ((ref_lin, lin), (ref_conv, conv)):
+            assert _max_rel(have[0], want[0]) <= 1e-5, path  # weight_sq
+            assert _max_rel(have[1], want[1]) <= 1e-5, path  # bias_sq
+            assert _rel(have[2], want[2]) <= GTOL["float32"], path  # grad_weight
+            assert _rel(have[3], want[3]) <= GTOL["float32"], path  # grad_bias
+
+
+# (B, T, d_in, d_out): column blocks of 1-4 vectors and several blocks (d_out > 64 for AVX-512, > 16 for AVX2) with
+# partial last vectors; row tiles with every remainder; T past one K chunk (chunks of 512/vectors of 16, 1024/vectors
+# of 8; split when T > 1.5 chunks), with middle chunks; T = 1; T = 256 at 3 vectors (split, chunks of 170); T = 1700
+# at 1 vector of 8 (AVX2: split)
 SQGEMM_SHAPES = [
+    (2, 256, 10, 40),
+    (2, 1700, 14, 5),
     (3, 5, 25, 49),
     (2, 200, 13, 70),
     (2, 800, 7, 16),

@@ -244,12 +244,12 @@ double direct_block_accumulate(const BlasBlock<C>& pa, const BlasBlock<C>& pg, i
   return s;
 }
 
-// One sample of the book-keeping form by sqgemm (float32, AVX-512): for each channel group k, Mᵀ = Aᵀ G [d_in,
-// d_out] is added into accᵀ's block k and its squares summed. G [T, cols] must be row-major for the kernel's vector
-// loads: a transposed block (a convolution's channel-major output gradient) is packed into vbuf first.
+// One sample of the book-keeping form by sqgemm (float32, the kernel of `isa`): for each channel group k, Mᵀ = Aᵀ G
+// [d_in, d_out] is added into accᵀ's block k and its squares summed. G [T, cols] must be row-major for the kernel's
+// vector loads: a transposed block (a convolution's channel-major output gradient) is packed into vbuf first.
 template <typename ABlock>
-double sample_sqgemm(const BlasBlock<float>& pg, int64_t t, int64_t cols, int64_t groups, int64_t d_in, int64_t d_out,
-                     std::vector<float>& vbuf, float* acc_t, ABlock&& a_block) {
+double sample_sqgemm(SqgemmIsa isa, const BlasBlock<float>& pg, int64_t t, int64_t cols, int64_t groups, int64_t d_in,
+                     int64_t d_out, std::vector<float>& vbuf, float* acc_t, ABlock&& a_block) {
   const float* v = pg.ptr;
   int64_t ldv = pg.ld;
   if (pg.trans) {  // stored [cols, T]: transpose in 16 × 16 blocks
@@ -272,7 +272,7 @@ double sample_sqgemm(const BlasBlock<float>& pg, int64_t t, int64_t cols, int64_
   for (int64_t k = 0; k < groups; ++k) {
     const BlasBlock<float> pa = a_block(k);  // A [T, d_in]: stored [d_in, T] when trans
     const int64_t s_r = pa.trans ? pa.ld : 1, s_k = pa.trans ? 1 : pa.ld;
-    s += sqgemm_accumulate(d_in, d_out, t, pa.ptr, s_r, s_k, v + k * d_out, ldv, acc_t + k * d_in * d_out, d_out);
+    s += sqgemm_accumulate(isa, d_in, d_out, t, pa.ptr, s_r, s_k, v + k * d_out, ldv, acc_t + k * d_in * d_out, d_out);
   }
   return s;
 }
@@ -297,10 +297,11 @@ void bookkeeping_impl(const BatchView& g, int64_t groups, int64_t t, int64_t d_i
   const int ranges = parallel_ranges(nb, min_per_thread);
   SingleThreadedBlas single(ranges > 1);
   const int64_t tile = direct_tile_rows(d_out, d_in);
-  // float32 on AVX-512: each sample's block formed, squared and summed in registers (sqgemm); it accumulates
-  // grad_weightᵀ per group [d_in, d_out] in every range, transposed and added in order at the end
-  bool fast = false;
-  if constexpr (std::is_same_v<C, float>) fast = sqgemm_available();
+  // float32 on AVX-512 or AVX2: each sample's block formed, squared and summed in registers (sqgemm, by the ISA
+  // in use at the call's start); it accumulates grad_weightᵀ per group [d_in, d_out] in every range, transposed and
+  // added in order at the end
+  const SqgemmIsa isa = std::is_same_v<C, float> ? sqgemm_isa() : SqgemmIsa::none;
+  const bool fast = isa != SqgemmIsa::none;
   // range 0 accumulates into grad_weight itself, the others into their own buffers, added in order at the end
   std::vector<std::vector<C>> partial(static_cast<size_t>(std::max(fast ? ranges : ranges - 1, 0)));
   // the bias gradient Σ_b Σ_t g_t: per range in float64 from the per-sample column sums, ranges added in order
@@ -333,7 +334,7 @@ void bookkeeping_impl(const BatchView& g, int64_t groups, int64_t t, int64_t d_i
       double s = 0;
       if constexpr (std::is_same_v<C, float>) {
         if (fast) {
-          s = sample_sqgemm(pg, g.rows, g.cols, groups, d_in, d_out, vbuf, acc,
+          s = sample_sqgemm(isa, pg, g.rows, g.cols, groups, d_in, d_out, vbuf, acc,
                             [&](int64_t k) { return a_block(b, k, abuf); });
           weight_sq[b] = s;
           continue;

@@ -1,12 +1,15 @@
-// AVX-512 kernel of sqgemm_accumulate (see common/sqgemm.h). Register tiles of R rows × NV vectors of 16 columns
-// (R·NV ≤ 24 accumulators): for each k, NV vector loads of V's row k and R broadcasts of S's column k feed R·NV FMAs.
-// Compiled per function for AVX-512 (target attributes), so the rest of the module keeps the baseline ISA.
+// x86 kernels of sqgemm_accumulate (see common/sqgemm.h): the register-tile kernel of sqgemm_kernel.inc compiled
+// twice, for AVX-512 (tiles of R rows × NV vectors of 16 columns, NV ≤ 4, R·NV ≤ 24 of the 32 zmm registers) and for
+// AVX2 + FMA (NV ≤ 2 vectors of 8 columns, R·NV ≤ 12 of the 16 ymm registers), and the run-time choice between them.
+// Only the functions of each ISA's namespace carry its target attribute, so the rest of the module keeps the
+// baseline ISA and neither ISA's instructions run unless the CPU has them.
 #include "common/sqgemm.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -16,11 +19,27 @@
 
 namespace pg {
 
-#ifdef PG_SQGEMM_X86
-
 namespace {
 
-#define PG_AVX512 __attribute__((target("avx512f,avx512dq")))
+const char* const kIsaNames[] = {"none", "avx2", "avx512"};
+
+#ifdef PG_SQGEMM_X86
+
+bool cpu_has_avx512() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  }();
+  return ok;
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+}
 
 struct Operands {
   int64_t k;
@@ -34,256 +53,179 @@ struct Operands {
   int64_t panel_k = 0, k0 = 0;
 };
 
-// One tile: rows [0, R) of s (already offset), NV vectors of columns of v / acc (already offset), over k in
-// [0, o.k). The last vector loads and stores under `tail` (its columns beyond cols are zero in M, left alone in acc).
-// With K split into chunks, the partial sums go through `part` (the tile's rows in the column block's scratch,
-// leading dimension ld_part): Init = start from them, Final = finish (square, sum, add into acc) instead of storing.
-template <int NV, int R, bool Init, bool Final>
-PG_AVX512 inline void tile(const Operands& o, __mmask16 tail, float* part, int64_t ld_part, __m512d& sq_lo,
-                           __m512d& sq_hi) {
-  __m512 c[R][NV];
-#pragma GCC unroll 24
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) c[r][j] = Init ? _mm512_loadu_ps(part + r * ld_part + 16 * j) : _mm512_setzero_ps();
-  }
-  const float* vk = o.v;
-  const float* sk = o.s;
-  for (int64_t k = 0; k < o.k; ++k, vk += o.ldv, sk += o.s_k) {
-    __m512 b[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) {
-      b[j] = j == NV - 1 ? _mm512_maskz_loadu_ps(tail, vk + 16 * j) : _mm512_loadu_ps(vk + 16 * j);
-    }
-#pragma GCC unroll 24
-    for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(sk[r * o.s_r]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) c[r][j] = _mm512_fmadd_ps(a, b[j], c[r][j]);
-    }
-  }
-  if constexpr (!Final) {
-#pragma GCC unroll 24
-    for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(part + r * ld_part + 16 * j, c[r][j]);
-    }
-    return;
-  }
-  __m512 q = _mm512_setzero_ps();
-#pragma GCC unroll 24
-  for (int r = 0; r < R; ++r) {
-    float* dst = o.acc + r * o.ld_acc;
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) {
-      q = _mm512_fmadd_ps(c[r][j], c[r][j], q);
-      if (j == NV - 1) {
-        _mm512_mask_storeu_ps(dst + 16 * j, tail, _mm512_add_ps(_mm512_maskz_loadu_ps(tail, dst + 16 * j), c[r][j]));
-      } else {
-        _mm512_storeu_ps(dst + 16 * j, _mm512_add_ps(_mm512_loadu_ps(dst + 16 * j), c[r][j]));
-      }
-    }
-  }
-  sq_lo = _mm512_add_pd(sq_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(q)));
-  sq_hi = _mm512_add_pd(sq_hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(q, 1)));
-}
-
 // The phase of a K chunk: the only chunk, the first, a middle one, or the last.
 enum class Phase { kOnly, kFirst, kMiddle, kLast };
 
-template <int NV, int R, Phase P>
-PG_AVX512 inline void tile_phase(const Operands& o, __mmask16 tail, float* part, int64_t ld_part, __m512d& lo,
-                                 __m512d& hi) {
-  constexpr bool init = P == Phase::kMiddle || P == Phase::kLast;
-  constexpr bool final = P == Phase::kOnly || P == Phase::kLast;
-  tile<NV, R, init, final>(o, tail, part, ld_part, lo, hi);
-}
+namespace avx512 {
 
-// The last `rem` (< R) rows of a column block, by the tile of exactly that many rows.
-template <int NV, int R, Phase P>
-PG_AVX512 inline void tail_rows(int rem, const Operands& o, __mmask16 tail, float* part, int64_t ld_part, __m512d& lo,
-                                __m512d& hi) {
-  if constexpr (R >= 1) {
-    if (rem == R) {
-      tile_phase<NV, R, P>(o, tail, part, ld_part, lo, hi);
-    } else {
-      tail_rows<NV, R - 1, P>(rem, o, tail, part, ld_part, lo, hi);
-    }
+#define PG_SQGEMM_TARGET __attribute__((target("avx512f,avx512dq")))
+
+struct Isa {
+  using Vec = __m512;
+  using Mask = __mmask16;
+  struct Sq {  // the squares' float64 sums, lanes 0-7 and 8-15
+    __m512d lo, hi;
+  };
+  static constexpr int kLanes = 16;
+  static constexpr int kMaxNv = 4;  // column blocks of 64
+  static constexpr int tile_rows(int nv) { return nv == 1 ? 24 : nv == 2 ? 12 : nv == 3 ? 8 : 6; }
+
+  PG_SQGEMM_TARGET static Mask first(int n) { return static_cast<Mask>((1u << n) - 1u); }  // lanes [0, n)
+  PG_SQGEMM_TARGET static Vec zero() { return _mm512_setzero_ps(); }
+  PG_SQGEMM_TARGET static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  PG_SQGEMM_TARGET static Vec maskload(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  PG_SQGEMM_TARGET static void store(float* p, Vec x) { _mm512_storeu_ps(p, x); }
+  PG_SQGEMM_TARGET static void maskstore(float* p, Mask m, Vec x) { _mm512_mask_storeu_ps(p, m, x); }
+  PG_SQGEMM_TARGET static Vec set1(float x) { return _mm512_set1_ps(x); }
+  PG_SQGEMM_TARGET static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  PG_SQGEMM_TARGET static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  PG_SQGEMM_TARGET static Sq sq_zero() { return {_mm512_setzero_pd(), _mm512_setzero_pd()}; }
+  PG_SQGEMM_TARGET static void sq_add(Sq& sq, Vec q) {
+    sq.lo = _mm512_add_pd(sq.lo, _mm512_cvtps_pd(_mm512_castps512_ps256(q)));
+    sq.hi = _mm512_add_pd(sq.hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(q, 1)));
   }
-}
+  PG_SQGEMM_TARGET static double sq_sum(const Sq& sq) { return _mm512_reduce_add_pd(_mm512_add_pd(sq.lo, sq.hi)); }
+};
 
-// All rows of one column block of NV vectors over one K chunk: tiles of R rows, then the remainder.
-template <int NV, int R, Phase P>
-PG_AVX512 void rows_pass(int64_t rows, Operands o, __mmask16 tail, float* part, __m512d& lo, __m512d& hi) {
-  const float* s0 = o.s;
-  float* acc0 = o.acc;
-  constexpr int64_t ld_part = 16 * NV;
-  const int64_t s_r = o.s_r;
-  for (int64_t r0 = 0; r0 < rows; r0 += R) {
-    if (o.panel_k != 0) {  // rows [r0, r0 + rb) are the panel at r0·K: [K, rb], entry (r, k) at k·rb + r - r0
-      const int64_t rb = rows - r0 < R ? rows - r0 : R;
-      o.s = s0 + r0 * o.panel_k + o.k0 * rb;
-      o.s_r = 1;
-      o.s_k = rb;
-    } else {
-      o.s = s0 + r0 * s_r;
-    }
-    o.acc = acc0 + r0 * o.ld_acc;
-    float* p = part + r0 * ld_part;
-    if (r0 + R <= rows) {
-      tile_phase<NV, R, P>(o, tail, p, ld_part, lo, hi);
-    } else {
-      tail_rows<NV, R - 1, P>(static_cast<int>(rows - r0), o, tail, p, ld_part, lo, hi);
-    }
+#include "cpu/sqgemm_kernel.inc"
+
+#undef PG_SQGEMM_TARGET
+
+}  // namespace avx512
+
+namespace avx2 {
+
+#define PG_SQGEMM_TARGET __attribute__((target("avx2,fma")))
+
+struct Isa {
+  using Vec = __m256;
+  using Mask = __m256i;  // all ones in the lanes to load / store
+  struct Sq {            // the squares' float64 sums, lanes 0-3 and 4-7
+    __m256d lo, hi;
+  };
+  static constexpr int kLanes = 8;
+  static constexpr int kMaxNv = 2;  // column blocks of 16: R·NV accumulators + NV loads + 1 broadcast ≤ 16 registers
+  static constexpr int tile_rows(int nv) { return nv == 1 ? 12 : 6; }
+
+  PG_SQGEMM_TARGET static Mask first(int n) {  // lanes [0, n)
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
-}
-
-// One column block over all of K, in chunks whose rows of V (chunk × 16·NV floats) stay within 32 KiB of L1,
-// partial sums kept in `part` [rows, 16·NV] between chunks.
-template <int NV, int R>
-PG_AVX512 void column_block(int64_t rows, const Operands& o, __mmask16 tail, float* part, __m512d& lo, __m512d& hi) {
-  constexpr int64_t chunk = 8192 / (16 * NV);
-  if (o.k <= chunk + chunk / 2) {
-    rows_pass<NV, R, Phase::kOnly>(rows, o, tail, part, lo, hi);
-    return;
+  PG_SQGEMM_TARGET static Vec zero() { return _mm256_setzero_ps(); }
+  PG_SQGEMM_TARGET static Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  PG_SQGEMM_TARGET static Vec maskload(Mask m, const float* p) { return _mm256_maskload_ps(p, m); }
+  PG_SQGEMM_TARGET static void store(float* p, Vec x) { _mm256_storeu_ps(p, x); }
+  PG_SQGEMM_TARGET static void maskstore(float* p, Mask m, Vec x) { _mm256_maskstore_ps(p, m, x); }
+  PG_SQGEMM_TARGET static Vec set1(float x) { return _mm256_set1_ps(x); }
+  PG_SQGEMM_TARGET static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  PG_SQGEMM_TARGET static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  PG_SQGEMM_TARGET static Sq sq_zero() { return {_mm256_setzero_pd(), _mm256_setzero_pd()}; }
+  PG_SQGEMM_TARGET static void sq_add(Sq& sq, Vec q) {
+    sq.lo = _mm256_add_pd(sq.lo, _mm256_cvtps_pd(_mm256_castps256_ps128(q)));
+    sq.hi = _mm256_add_pd(sq.hi, _mm256_cvtps_pd(_mm256_extractf128_ps(q, 1)));
   }
-  for (int64_t k0 = 0; k0 < o.k; k0 += chunk) {
-    Operands c = o;
-    c.k = o.k - k0 < chunk ? o.k - k0 : chunk;
-    c.v = o.v + k0 * o.ldv;
-    if (o.panel_k != 0) {
-      c.k0 = k0;
-    } else {
-      c.s = o.s + k0 * o.s_k;
-    }
-    if (k0 == 0) {
-      rows_pass<NV, R, Phase::kFirst>(rows, c, tail, part, lo, hi);
-    } else if (k0 + chunk >= o.k) {
-      rows_pass<NV, R, Phase::kLast>(rows, c, tail, part, lo, hi);
-    } else {
-      rows_pass<NV, R, Phase::kMiddle>(rows, c, tail, part, lo, hi);
-    }
+  PG_SQGEMM_TARGET static double sq_sum(const Sq& sq) {
+    const __m256d x = _mm256_add_pd(sq.lo, sq.hi);
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+    s = _mm_add_sd(s, _mm_unpackhi_pd(s, s));
+    return _mm_cvtsd_f64(s);
   }
-}
+};
 
-// S [rows, K] with rows contiguous (s_r = 1, a [T, d_in] input read down its columns) packed for tiles of R rows:
-// rows [r0, r0 + rb) become a panel [K, rb] at out + r0·K, so each k's broadcasts are adjacent and every panel is
-// read front to back. Read in place, a column of such an input touches one line per row of the input, and at a
-// power-of-two row length (2 KiB for 512 floats) those lines fall in 2 of L1's 64 sets and evict each other.
-PG_AVX512 void pack_panel(int64_t rows, int64_t k, const float* s, int64_t s_k, int64_t r_tile, float* out) {
-  for (int64_t r0 = 0; r0 < rows; r0 += r_tile) {
-    const int64_t rb = rows - r0 < r_tile ? rows - r0 : r_tile;
-    const __mmask16 m0 = static_cast<__mmask16>(rb >= 16 ? 0xFFFFu : (1u << rb) - 1u);
-    const __mmask16 m1 = static_cast<__mmask16>(rb > 16 ? (1u << (rb - 16)) - 1u : 0u);
-    const float* src = s + r0;
-    float* dst = out + r0 * k;
-    for (int64_t kk = 0; kk < k; ++kk, src += s_k, dst += rb) {
-      _mm512_mask_storeu_ps(dst, m0, _mm512_maskz_loadu_ps(m0, src));
-      if (m1 != 0) _mm512_mask_storeu_ps(dst + 16, m1, _mm512_maskz_loadu_ps(m1, src + 16));
-    }
-  }
-}
+#include "cpu/sqgemm_kernel.inc"
 
-// Rows of a tile for NV vectors of columns.
-constexpr int64_t tile_rows(int nv) {
-  return nv == 1 ? 24 : nv == 2 ? 12 : nv == 3 ? 8 : 6;
-}
+#undef PG_SQGEMM_TARGET
 
-// Each column block of V is also copied into rows of exactly its width when V's rows are longer, for the same
-// reason.
-PG_AVX512 double run(int64_t rows, int64_t cols, Operands base) {
-  thread_local std::vector<float> scratch, s_pack, v_pack;
-  const bool panel = base.s_r == 1 && base.s_k != 1 && base.k > 1;
-  int64_t packed_for = 0;  // the tile rows of the panels in s_pack
-  const float* s_in = base.s;
-  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
-  for (int64_t c0 = 0; c0 < cols; c0 += 64) {
-    const int64_t width = cols - c0 < 64 ? cols - c0 : 64;
-    const int nv = static_cast<int>((width + 15) / 16);
-    const int last = static_cast<int>(width - 16 * (nv - 1));
-    const __mmask16 tail = static_cast<__mmask16>((1u << last) - 1u);
-    Operands o = base;
-    o.v = base.v + c0;
-    o.acc = base.acc + c0;
-    if (panel && packed_for != tile_rows(nv)) {
-      packed_for = tile_rows(nv);
-      s_pack.resize(static_cast<size_t>(rows * base.k));
-      pack_panel(rows, base.k, s_in, base.s_k, packed_for, s_pack.data());
-      o.s = s_pack.data();
-      o.panel_k = base.k;
-    } else if (panel) {
-      o.s = s_pack.data();
-      o.panel_k = base.k;
-    }
-    if (base.ldv != width && base.k > 1) {
-      v_pack.resize(static_cast<size_t>(base.k * width));
-      for (int64_t k = 0; k < base.k; ++k) {
-        const float* src = o.v + k * base.ldv;
-        std::copy(src, src + width, v_pack.data() + k * width);
-      }
-      o.v = v_pack.data();
-      o.ldv = width;
-    }
-    if (o.k > 768 / nv)
-      scratch.resize(static_cast<size_t>(rows * 16 * nv));  // more than one K chunk (see column_block)
-    float* part = scratch.data();
-    switch (nv) {
-      case 1:
-        column_block<1, 24>(rows, o, tail, part, lo, hi);
-        break;
-      case 2:
-        column_block<2, 12>(rows, o, tail, part, lo, hi);
-        break;
-      case 3:
-        column_block<3, 8>(rows, o, tail, part, lo, hi);
-        break;
-      default:
-        column_block<4, 6>(rows, o, tail, part, lo, hi);
-        break;
-    }
-  }
-  return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
-}
-
-}  // namespace
-
-bool sqgemm_supported() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-  }();
-  return ok;
-}
-
-double sqgemm_accumulate(int64_t rows, int64_t cols, int64_t k, const float* s, int64_t s_r, int64_t s_k,
-                         const float* v, int64_t ldv, float* acc, int64_t ld_acc) {
-  if (rows <= 0 || cols <= 0) return 0.0;
-  return run(rows, cols, Operands{k, s, s_r, s_k, v, ldv, acc, ld_acc});
-}
+}  // namespace avx2
 
 #else
 
-bool sqgemm_supported() {
+bool cpu_has_avx512() {
   return false;
 }
 
-double sqgemm_accumulate(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
-                         int64_t) {
-  throw std::logic_error("sqgemm_accumulate needs an x86-64 CPU with AVX-512");
+bool cpu_has_avx2() {
+  return false;
 }
 
 #endif
 
-namespace {
-std::atomic<bool> g_enabled{true};
-}  // namespace
-
-bool sqgemm_available() {
-  return g_enabled.load(std::memory_order_relaxed) && sqgemm_supported();
+bool cpu_has(SqgemmIsa isa) {
+  switch (isa) {
+    case SqgemmIsa::avx512:
+      return cpu_has_avx512();
+    case SqgemmIsa::avx2:
+      return cpu_has_avx2();
+    case SqgemmIsa::none:
+      return true;
+  }
+  return false;
 }
 
-bool sqgemm_set_enabled(bool enabled) {
-  return g_enabled.exchange(enabled);
+const char* cpu_needs(SqgemmIsa isa) {
+  return isa == SqgemmIsa::avx512 ? "AVX-512 F and DQ" : "AVX2 and FMA";
+}
+
+// The ISA in use; -1 until set (the best one)
+std::atomic<int> g_isa{-1};
+
+}  // namespace
+
+const char* sqgemm_isa_name(SqgemmIsa isa) {
+  const int i = static_cast<int>(isa);
+  return i >= 0 && i <= 2 ? kIsaNames[i] : "unknown";
+}
+
+SqgemmIsa sqgemm_best_isa() {
+  return cpu_has_avx512() ? SqgemmIsa::avx512 : cpu_has_avx2() ? SqgemmIsa::avx2 : SqgemmIsa::none;
+}
+
+SqgemmIsa sqgemm_isa() {
+  const int i = g_isa.load(std::memory_order_relaxed);
+  return i < 0 ? sqgemm_best_isa() : static_cast<SqgemmIsa>(i);
+}
+
+SqgemmIsa sqgemm_set_isa(SqgemmIsa isa) {
+  const int i = static_cast<int>(isa);
+  if (i < 0 || i > 2) throw std::invalid_argument("sqgemm_set_isa: unknown ISA " + std::to_string(i));
+  if (!cpu_has(isa)) {
+    std::string msg = std::string("sqgemm_set_isa: this CPU lacks '") + sqgemm_isa_name(isa) + "' (" + cpu_needs(isa) +
+                      "); allowed here:";
+    const char* sep = " '";
+    for (SqgemmIsa other : {SqgemmIsa::avx512, SqgemmIsa::avx2, SqgemmIsa::none}) {
+      if (cpu_has(other)) {
+        msg += sep + std::string(sqgemm_isa_name(other)) + "'";
+        sep = ", '";
+      }
+    }
+    throw std::invalid_argument(msg);
+  }
+  const int prev = g_isa.exchange(i, std::memory_order_relaxed);
+  return prev < 0 ? sqgemm_best_isa() : static_cast<SqgemmIsa>(prev);
+}
+
+bool sqgemm_available() {
+  return sqgemm_isa() != SqgemmIsa::none;
+}
+
+double sqgemm_accumulate(SqgemmIsa isa, int64_t rows, int64_t cols, int64_t k, const float* s, int64_t s_r, int64_t s_k,
+                         const float* v, int64_t ldv, float* acc, int64_t ld_acc) {
+#ifdef PG_SQGEMM_X86
+  if (isa != SqgemmIsa::none && cpu_has(isa)) {
+    if (rows <= 0 || cols <= 0) return 0.0;
+    const Operands o{k, s, s_r, s_k, v, ldv, acc, ld_acc};
+    return isa == SqgemmIsa::avx512 ? avx512::run(rows, cols, o) : avx2::run(rows, cols, o);
+  }
+  throw std::logic_error(std::string("sqgemm_accumulate: no kernel for ISA ") + sqgemm_isa_name(isa) + " on this CPU");
+#else
+  (void)isa, (void)rows, (void)cols, (void)k, (void)s, (void)s_r, (void)s_k, (void)v, (void)ldv, (void)acc,
+      (void)ld_acc;
+  throw std::logic_error("sqgemm_accumulate needs an x86-64 CPU with AVX2 + FMA or AVX-512");
+#endif
+}
+
+double sqgemm_accumulate(int64_t rows, int64_t cols, int64_t k, const float* s, int64_t s_r, int64_t s_k,
+                         const float* v, int64_t ldv, float* acc, int64_t ld_acc) {
+  return sqgemm_accumulate(sqgemm_isa(), rows, cols, k, s, s_r, s_k, v, ldv, acc, ld_acc);
 }
 
 }  // namespace pg
