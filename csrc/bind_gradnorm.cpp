@@ -221,7 +221,8 @@ void pg_bind_gradnorm(py::module_& m) {
   m.def(
       "sqgemm_best_isa", [] { return std::string(pg::sqgemm_isa_name(pg::sqgemm_best_isa())); },
       "The best instruction set this CPU runs the book-keeping kernel with: 'avx512' (AVX-512 F and DQ), 'avx2' "
-      "(AVX2 and FMA) or 'none'; sqgemm_isa() starts there.");
+      "(AVX2 and FMA) or 'none'. sqgemm_isa() starts at 'avx512' where the CPU has it, else 'none' (the AVX2 kernel is "
+      "opt-in: it has not been measured on a CPU without AVX-512).");
   m.def(
       "sqgemm_set_isa",
       [](const std::string& name) {

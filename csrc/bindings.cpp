@@ -13,6 +13,7 @@
 #include "common/check.h"
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "common/sqgemm.h"
 #include "covariance.h"
 #include "device.h"
 #include "projection.h"
@@ -390,6 +391,16 @@ PYBIND11_MODULE(_core, m) {
     d["blas_threads"] = pg::blas_get_num_threads();
     d["threads"] = pg::get_num_threads();
     d["compiler"] = compiler_info();
+    // the instruction set the C++ kernels were compiled for (POISONGUARD_CPU_ARCH); wider kernels chosen at run time
+    // (the book-keeping form's AVX-512 / AVX2 tiles) are reported by _core.sqgemm_isa()
+#if defined(__AVX2__) && defined(__FMA__)
+    d["cpu_isa"] = "avx2";
+#elif defined(__x86_64__)
+    d["cpu_isa"] = "x86-64";
+#else
+    d["cpu_isa"] = "other";
+#endif
+    d["sqgemm_isa"] = pg::sqgemm_isa_name(pg::sqgemm_isa());
     return d;
   });
 

@@ -3,6 +3,9 @@ GradNormTracker's parameter gradients (which the book-keeping form computes itse
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from conftest import ALL_INPUTS, INPUT_IDS, make_input, to_float64
@@ -180,6 +183,10 @@ def test_sqgemm_isa_switch():
     assert best in ("avx512", "avx2", "none")
     previous = _core.sqgemm_isa()
     assert previous in ("avx512", "avx2", "none")
+    # a fresh process starts at AVX-512 where the CPU has it, else at BLAS (the AVX2 kernel is opt-in)
+    code = "from poisonguard import _core; print(_core.sqgemm_isa())"
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert fresh == ("avx512" if best == "avx512" else "none")
     try:
         assert _core.sqgemm_set_isa("none") == previous
         assert _core.sqgemm_isa() == "none"

@@ -51,6 +51,8 @@ def test_build_info():
     assert isinstance(info["threads"], int) and info["threads"] >= 1
     assert isinstance(info["blas_threads"], int) and info["blas_threads"] >= 1
     assert isinstance(info["compiler"], str) and info["compiler"]
+    assert info["cpu_isa"] in ("avx2", "x86-64", "other")
+    assert info["sqgemm_isa"] == _core.sqgemm_isa() and info["sqgemm_isa"] in ("avx512", "avx2", "none")
     json.dumps(info)  # plain values only
 
 

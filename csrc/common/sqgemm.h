@@ -18,7 +18,11 @@ const char* sqgemm_isa_name(SqgemmIsa isa);
 /// other architectures).
 SqgemmIsa sqgemm_best_isa();
 
-/// The ISA in use (sqgemm_best_isa() until set).
+/// The ISA used until one is set: avx512 where the CPU has it, else none (per-sample BLAS). The AVX2 kernel is
+/// opt-in (sqgemm_set_isa) until it is measured on CPUs without AVX-512.
+SqgemmIsa sqgemm_default_isa();
+
+/// The ISA in use (sqgemm_default_isa() until set).
 SqgemmIsa sqgemm_isa();
 
 /// Sets the ISA in use (e.g. none, for tests of the BLAS fallback, or avx2 on an AVX-512 CPU); returns the previous
