@@ -6,6 +6,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "common/blas.h"
 #include "common/check.h"
 #include "common/parallel.h"
@@ -244,27 +248,69 @@ double direct_block_accumulate(const BlasBlock<C>& pa, const BlasBlock<C>& pg, i
   return s;
 }
 
+#if defined(__AVX2__)
+// The 8 × 8 block at src (rows ld_src apart) transposed into dst (rows ld_dst apart).
+inline void transpose8x8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m256 r[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 8; i += 2) {
+    u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ld_dst, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ld_dst, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
+
+// dst [cols, rows] (leading dimension ld_dst) = srcᵀ for src [rows, cols] (leading dimension ld_src): 8 × 8 blocks
+// in registers where AVX2 is compiled in, the edges (and other builds) element by element. `next` (or null): the
+// next sample's block, same layout, fetched into L2 on the way (src comes from memory, first touched here).
+void transpose_f32(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst,
+                   const float* next) {
+  int64_t r8 = 0, c8 = 0;
+#if defined(__AVX2__)
+  r8 = rows - rows % 8;
+  c8 = cols - cols % 8;
+  for (int64_t r = 0; r < r8; r += 8) {
+    for (int64_t c = 0; c < c8; c += 8) {
+      if (next != nullptr && c % 16 == 0) {
+        for (int i = 0; i < 8; ++i) __builtin_prefetch(next + (r + i) * ld_src + c, 0, 2);
+      }
+      transpose8x8(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
+    }
+  }
+#else
+  (void)next;
+#endif
+  auto scalar = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = c0; c < c1; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+    }
+  };
+  scalar(0, r8, c8, cols);    // right edge of the 8 × 8 blocks
+  scalar(r8, rows, 0, cols);  // bottom rows (all of it without AVX2)
+}
+
 // One sample of the book-keeping form by sqgemm (float32, the kernel of `isa`): for each channel group k, Mᵀ = Aᵀ G
 // [d_in, d_out] is added into accᵀ's block k and its squares summed. G [T, cols] must be row-major for the kernel's
 // vector loads: a transposed block (a convolution's channel-major output gradient) is packed into vbuf first.
 template <typename ABlock>
-double sample_sqgemm(SqgemmIsa isa, const BlasBlock<float>& pg, int64_t t, int64_t cols, int64_t groups, int64_t d_in,
-                     int64_t d_out, std::vector<float>& vbuf, float* acc_t, ABlock&& a_block) {
+double sample_sqgemm(SqgemmIsa isa, const BlasBlock<float>& pg, const float* g_next, int64_t t, int64_t cols,
+                     int64_t groups, int64_t d_in, int64_t d_out, std::vector<float>& vbuf, float* acc_t,
+                     ABlock&& a_block) {
   const float* v = pg.ptr;
   int64_t ldv = pg.ld;
-  if (pg.trans) {  // stored [cols, T]: transpose in 16 × 16 blocks
+  if (pg.trans) {  // stored [cols, T]
     vbuf.resize(static_cast<size_t>(t * cols));
-    constexpr int64_t kB = 16;
-    for (int64_t c0 = 0; c0 < cols; c0 += kB) {
-      const int64_t c1 = std::min(cols, c0 + kB);
-      for (int64_t t0 = 0; t0 < t; t0 += kB) {
-        const int64_t t1 = std::min(t, t0 + kB);
-        for (int64_t c = c0; c < c1; ++c) {
-          const float* src = pg.ptr + c * pg.ld;
-          for (int64_t r = t0; r < t1; ++r) vbuf[r * cols + c] = src[r];
-        }
-      }
-    }
+    transpose_f32(pg.ptr, pg.ld, cols, t, vbuf.data(), cols, g_next);
     v = vbuf.data();
     ldv = cols;
   }
@@ -334,7 +380,10 @@ void bookkeeping_impl(const BatchView& g, int64_t groups, int64_t t, int64_t d_i
       double s = 0;
       if constexpr (std::is_same_v<C, float>) {
         if (fast) {
-          s = sample_sqgemm(isa, pg, g.rows, g.cols, groups, d_in, d_out, vbuf, acc,
+          // the next sample's gradient block, when pg points into g itself (not a packed copy)
+          const float* g_next =
+              b + 1 < b1 && (gbuf.empty() || pg.ptr != gbuf.data()) ? pg.ptr + g.batch_stride : nullptr;
+          s = sample_sqgemm(isa, pg, g_next, g.rows, g.cols, groups, d_in, d_out, vbuf, acc,
                             [&](int64_t k) { return a_block(b, k, abuf); });
           weight_sq[b] = s;
           continue;
@@ -384,7 +433,7 @@ BlasBlock<typename Tag::compute> unfold_sample(const ConvInputView& x, int64_t b
   const int64_t oh = x.out_h, ow = x.out_w, l = oh * ow;
   const int64_t hp = x.height + 2 * x.pad_h, wp = x.width + 2 * x.pad_w;
   const size_t rows_size = static_cast<size_t>(cg * kh * kw * l);
-  buf.resize(rows_size + static_cast<size_t>(hp * wp));
+  buf.resize(rows_size + static_cast<size_t>(hp * wp) + 16);  // 16 floats of slack: the stride-2 path reads ahead
   C* plane = buf.data() + rows_size;
   const S* base = static_cast<const S*>(x.data) + b * x.batch_stride + k * cg * x.channel_stride;
   const int64_t sw = x.stride_w;
@@ -398,6 +447,11 @@ BlasBlock<typename Tag::compute> unfold_sample(const ConvInputView& x, int64_t b
       std::fill(dst, dst + x.pad_w, C(0));
       std::fill(dst + x.pad_w + x.width, dst + wp, C(0));
       const S* src = src_plane + h * x.row_stride;
+      if (b + 1 < x.batch) {  // the next sample's row into L2 while this one is copied (it comes from memory)
+        const char* nxt = reinterpret_cast<const char*>(src + x.batch_stride);
+        const int64_t bytes = ((x.width - 1) * x.col_stride + 1) * static_cast<int64_t>(sizeof(S));
+        for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(nxt + off, 0, 2);
+      }
       for (int64_t w = 0; w < x.width; ++w) dst[x.pad_w + w] = load(Tag{}, src + w * x.col_stride);
     }
     for (int64_t i = 0; i < kh; ++i) {
@@ -406,11 +460,24 @@ BlasBlock<typename Tag::compute> unfold_sample(const ConvInputView& x, int64_t b
         for (int64_t ho = 0; ho < oh; ++ho) {
           const C* src = plane + (ho * x.stride_h + i * x.dilation_h) * wp + j * x.dilation_w;
           C* dst = row + ho * ow;
+          int64_t wo = 0;
           if (sw == 1) {
             std::copy(src, src + ow, dst);
-          } else {
-            for (int64_t wo = 0; wo < ow; ++wo) dst[wo] = src[wo * sw];
+            wo = ow;
           }
+#if defined(__AVX2__)
+          if constexpr (std::is_same_v<C, float>) {
+            // stride 2: the even floats of 16 (the 16th may lie in the next row or the slack; it is not kept)
+            if (sw == 2) {
+              for (; wo + 8 <= ow; wo += 8) {
+                const __m256 a = _mm256_loadu_ps(src + 2 * wo), b = _mm256_loadu_ps(src + 2 * wo + 8);
+                const __m256 even = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));  // x0 x2 x8 x10 | x4 x6 x12 x14
+                _mm256_storeu_ps(dst + wo, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), 0xD8)));
+              }
+            }
+          }
+#endif
+          for (; wo < ow; ++wo) dst[wo] = src[wo * sw];
         }
       }
     }
