@@ -251,6 +251,10 @@ SQGEMM_SHAPES = [
     (2, 130, 47, 130),
     (2, 300, 11, 64),
     (4, 9, 24, 17),
+    (0, 5, 3, 4),  # empty batch, no positions, no inputs, no outputs
+    (2, 0, 3, 4),
+    (2, 3, 0, 4),
+    (2, 3, 4, 0),
 ]
 
 
@@ -288,6 +292,17 @@ def test_conv_bookkeeping_kernel_paths(rng, bk_path, conf):
     gsum = g.double().sum(dim=list(range(2, g.dim())))
     assert _max_rel(bsq, gsum.pow(2).sum(1)) <= 1e-5
     assert _rel(gb, gsum.sum(0)) <= GTOL["float32"]
+    if len(spatial) == 2:  # a channels-last input and a channels-last gradient (not channel-major): the same
+        w2, _, grad2 = conv_grad_bookkeeping(
+            x.to(memory_format=torch.channels_last),
+            g.to(memory_format=torch.channels_last),
+            kernel_size=k,
+            stride=s,
+            padding=p,
+            dilation=d,
+            groups=groups,
+        )
+        assert _rel(grad2, grad) <= GTOL["float32"] and _max_rel(w2, w) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
