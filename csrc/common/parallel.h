@@ -1,5 +1,7 @@
-// A minimal fork-join helper. Threads are started per call and exit at once, so nothing spins between calls and
-// OpenBLAS's own pool keeps the cores when it runs.
+// A minimal fork-join helper. Where an OpenMP runtime is set (poisonguard.torch sets torch's libgomp), the ranges
+// run as its parallel regions, on workers that are already spinning after torch's last operator. Otherwise threads
+// are started per call and exit at once, so nothing spins between calls and OpenBLAS's own pool keeps the cores when
+// it runs.
 #pragma once
 
 #include <cstdint>
