@@ -341,14 +341,15 @@ void bookkeeping_impl(const BatchView& g, int64_t groups, int64_t t, int64_t d_i
                       static_cast<double>(d_in) * static_cast<double>(d_out);
   const int64_t min_per_thread = std::max<int64_t>(1, static_cast<int64_t>(double(1 << 18) / std::max(work, 1.0)));
   const int ranges = parallel_ranges(nb, min_per_thread);
-  SingleThreadedBlas single(ranges > 1);
   const int64_t tile = direct_tile_rows(d_out, d_in);
   // float32 on AVX-512 or AVX2: each sample's block formed, squared and summed in registers (sqgemm, by the ISA
   // in use at the call's start); it accumulates grad_weightᵀ per group [d_in, d_out] in every range, transposed and
   // added in order at the end
   const SqgemmIsa isa = std::is_same_v<C, float> ? sqgemm_isa() : SqgemmIsa::none;
   const bool fast = isa != SqgemmIsa::none;
-  // range 0 accumulates into grad_weight itself, the others into their own buffers, added in order at the end
+  SingleThreadedBlas single(ranges > 1 && !fast);  // only the BLAS path calls BLAS from the ranges
+  // BLAS path: range 0 accumulates into grad_weight itself, the others into their own buffers; sqgemm path: every
+  // range into its own grad_weightᵀ buffer. Added in order at the end
   std::vector<std::vector<C>> partial(static_cast<size_t>(std::max(fast ? ranges : ranges - 1, 0)));
   // the bias gradient Σ_b Σ_t g_t: per range in float64 from the per-sample column sums, ranges added in order
   const bool want_bias = grad_bias != nullptr;
