@@ -16,9 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .._loader import load_core
-
-_core = load_core()
+from .. import _core
 
 
 def _torch_libgomp() -> Path | None:
