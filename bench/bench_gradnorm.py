@@ -1,5 +1,6 @@
 """Per-sample gradient norms: one training step with GradNormTracker vs a plain step, opacus GradSampleModule norms and
-torch.func vmap(grad) norms, all timed in the same run; peak memory of one step of each (in a fresh subprocess); and
+torch.func vmap(grad) norms, all timed in the same run; a floor step (the forward and the activation-gradient half of
+the backward, no parameter gradient) and from it a bound on the ratios any tracker could show; peak memory of one step of each (in a fresh subprocess); and
 a per-layer table of the ghost vs direct vs auto kernels on the layers' real operands.
 
     python bench/bench_gradnorm.py                          # MLP, CNN, transformer at B=256
@@ -36,7 +37,7 @@ from poisonguard.torch.gradnorm import conv_operands
 from torch import nn
 from torch.nn import functional as F
 
-IMPLS = ("plain", "tracker", "opacus", "vmap")
+IMPLS = ("plain", "floor", "tracker", "opacus", "vmap")
 
 
 class Block(nn.Module):
@@ -103,6 +104,18 @@ def make_step(impl: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
             F.cross_entropy(model(x), y).backward()
 
         return step
+    if impl == "floor":
+        # the forward and the activation-gradient half of the backward, with no parameter gradient at all: every
+        # method that gives the batch gradient (and the norms) runs at least this, so baseline / floor bounds the
+        # speed-up any tracker could show over that baseline on this machine with torch's kernels
+        frozen = copy.deepcopy(model).requires_grad_(False)
+        first = frozen.emb if isinstance(frozen, Transformer) else frozen[0]
+        first.register_forward_hook(lambda mod, inp, out: out.detach().requires_grad_(True))
+
+        def step():
+            F.cross_entropy(frozen(x), y).backward()
+
+        return step
     if impl == "tracker":
         tracker = GradNormTracker(model)
 
@@ -144,6 +157,41 @@ def make_step(impl: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 
         return step
     raise ValueError(impl)
+
+
+# -- the bound: what no method that forms the batch gradient can beat on this machine --------------------------------
+def weight_grad_flops(model: nn.Module, x: torch.Tensor) -> float:
+    """Floating-point operations of the Linear/Conv weight gradients of one step (2 per multiply-add); the cheaper
+    parameters (biases, LayerNorm, Embedding) are left out, so this is a lower bound."""
+    total = [0.0]
+
+    def hook(mod, inp, out):
+        if isinstance(mod, nn.Linear):
+            total[0] += 2.0 * out.numel() * mod.in_features
+        else:
+            k = mod.in_channels // mod.groups * int(np.prod(mod.kernel_size))
+            total[0] += 2.0 * out.numel() * k
+
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return total[0]
+
+
+def gemm_rate(n: int = 2048, repeat: int = 5) -> float:
+    """float32 FLOP/s of torch's matrix product on large square matrices: the best rate this machine reaches."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
 
 
 # -- peak memory: one step in a fresh process -------------------------------------------------------------------------
@@ -346,9 +394,26 @@ def main() -> None:
             + (f", opacus/tracker {med['opacus'] / med['tracker']:.2f} (>= 3)" if "opacus" in med else "")
             + (f", vmap/tracker {med['vmap'] / med['tracker']:.2f} (>= 10)" if "vmap" in med else "")
         )
+        if "floor" in med:
+            # any step that forms the batch gradient runs the floor plus the weight gradients' arithmetic, at best at
+            # the machine's large-GEMM rate; the baselines' times over that bound what any tracker could show
+            flops, rate = weight_grad_flops(model, x), gemm_rate()
+            bound = med["floor"] + flops / rate
+            print(
+                f"  bound: floor {med['floor']:.4f} s + weight gradients {flops / 1e9:.2f} GFLOP at the large-GEMM"
+                f" rate {rate / 1e9:.0f} GFLOP/s = {bound:.4f} s per step at least; the most any tracker could show:"
+                + ",".join(f" {k}/bound {med[k] / bound:.2f}" for k in ("plain", "opacus", "vmap") if k in med)
+            )
+            record(
+                "gradnorm_bound",
+                f"{name} B={args.batch}",
+                "bound",
+                {"median": bound, "p20": bound, "p80": bound},
+                f"gflop={flops / 1e9:.3f} gemm_gflops={rate / 1e9:.0f}",
+            )
         # what the per-sample norms add to a training step (each step minus the plain one): the targets above compare
         # whole steps, whose shared forward and backward bound the ratios by what the baselines cost over a plain step
-        extra = {k: med[k] - med["plain"] for k in med if k != "plain"}
+        extra = {k: med[k] - med["plain"] for k in med if k not in ("plain", "floor")}
         print(
             "  cost over a plain step: "
             + ", ".join(f"{k} {1e3 * v:+.1f} ms" for k, v in extra.items())
