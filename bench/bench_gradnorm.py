@@ -1,7 +1,8 @@
 """Per-sample gradient norms: one training step with GradNormTracker vs a plain step, opacus GradSampleModule norms and
 torch.func vmap(grad) norms, all timed in the same run; a floor step (the forward and the activation-gradient half of
-the backward, no parameter gradient) and from it a bound on the ratios any tracker could show; peak memory of one step of each (in a fresh subprocess); and
-a per-layer table of the ghost vs direct vs auto kernels on the layers' real operands.
+the backward, no parameter gradient) and from it a bound on the ratios any tracker could show; peak memory of one
+step of each (in a fresh subprocess); and a per-layer table of the ghost vs direct vs auto kernels on the layers' real
+operands.
 
     python bench/bench_gradnorm.py                          # MLP, CNN, transformer at B=256
     python bench/bench_gradnorm.py --batch 32 --repeat 3    # quick look
