@@ -513,6 +513,49 @@ def test_tracker_gradient_accumulation_and_backward_outside():
     torch.testing.assert_close(seen[0], g1["0.weight"], rtol=1e-5, atol=1e-7)
 
 
+def _penalty_grads(model, x, y, tracker=None):
+    """Gradients of loss + 0.5·‖∇loss‖² (a gradient penalty: a backward with create_graph=True, then a second one
+    through it), with the first backward inside ``tracker`` when one is given (and the second one too)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    if tracker is None:
+        loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        (loss + 0.5 * sum(g.pow(2).sum() for g in grads)).backward()
+        return [g.detach() for g in grads], {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    with tracker:
+        loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        (loss + 0.5 * sum(g.pow(2).sum() for g in grads)).backward()
+    return [g.detach() for g in grads], {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", ["direct", "ghost"])
+@pytest.mark.parametrize("kind", ["cnn", "cnn1d", "seq_linear", "norms"])  # torch has no CPU attention double backward
+def test_tracker_create_graph_and_gradient_penalty(kind, method):
+    model, x, y = _grad_models()[kind]
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    want_g, want = _penalty_grads(model, x, y)
+    tr = GradNormTracker(model, method=method)
+    got_g, got = _penalty_grads(model, x, y, tr)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    _assert_grads_close(got, want, 1e-9)  # second-order terms flow through the tracked layers
+    # the norms are those of the first backward (the loss's gradient); the penalty's backward adds nothing
+    ref = _vmap_norms(model, x, y)
+    assert float((tr.norms - ref).abs().max() / ref.abs().max()) <= 1e-10
+    # the same with backward(create_graph=True) and a second retain_graph pass over the same forward
+    model.zero_grad(set_to_none=True)
+    with GradNormTracker(model, method=method) as tr2:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward(create_graph=True, retain_graph=True)
+        loss.backward()
+    assert float((tr2.norms - ref).abs().max() / ref.abs().max()) <= 1e-10
+    for p in model.parameters():
+        p.grad = None  # create_graph left a reference cycle through .grad
+
+
 def test_tracker_forwards_restored_and_no_grad_forward():
     model, x, y = _grad_models()["cnn"]
     convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

@@ -56,7 +56,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ..ops.gradnorm import (
     METHODS,
@@ -115,7 +114,10 @@ class GradNormTracker:
     device; ``layer_norms`` — module name → ``[B]``; ``methods`` — module name → ``"ghost"`` / ``"direct"`` for the
     linear maps (Linear, Conv), ``"exact"`` for the others. A new forward after a backward starts a new step (the
     previous norms are cleared). The backward must run while the tracker is entered; the hooks are removed and the
-    swapped forwards restored on exit, also when the block raises.
+    swapped forwards restored on exit, also when the block raises. The norms are those of the step's first backward:
+    ``backward(create_graph=True)`` (or ``autograd.grad`` with it) gives gradients that can be differentiated again,
+    and a later backward over the same forward (a gradient penalty, a second ``retain_graph`` pass) adds to ``.grad``
+    as usual but not to the norms.
 
     Example::
 
@@ -142,6 +144,7 @@ class GradNormTracker:
         self.methods: dict[str, str] = {}
         self._batch: int | None = None
         self._backward_started = False
+        self._task: int | None = None
         self._layers = self._collect()
 
     # -- set-up -------------------------------------------------------------------------------------------------------
@@ -238,6 +241,7 @@ class GradNormTracker:
         self._pending = {}
         self._batch = None
         self._backward_started = False
+        self._task = None  # the autograd graph task of the step's first recorded gradient
 
     # -- results ------------------------------------------------------------------------------------------------------
     def _scale(self) -> float:
@@ -282,7 +286,7 @@ class GradNormTracker:
             xd = x.detach()
 
             def on_grad(g: torch.Tensor) -> None:
-                if self._active:
+                if self._recording():
                     self._add(name, sq(xd, g.detach()))
 
             y.register_hook(on_grad)
@@ -311,7 +315,15 @@ class GradNormTracker:
                 "all tracked layers must see the same batch-first batch"
             )
 
+    def _recording(self) -> bool:
+        """Whether a gradient arriving now counts towards the step's norms: the tracker is active and this is the
+        step's first backward. A later backward over the same forward (a gradient penalty differentiating the
+        gradients of ``backward(create_graph=True)``, a second ``retain_graph`` pass) adds nothing."""
+        return self._active and (self._task is None or self._task == _graph_task())
+
     def _add(self, name: str, sq: torch.Tensor) -> None:
+        if self._task is None:
+            self._task = _graph_task()
         self._backward_started = True
         self._pending[name] = False
         prev = self._sq.get(name)
@@ -437,6 +449,12 @@ def _bookkeeping_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _graph_task() -> int:
+    """The id of the autograd graph task running now (-1 outside a backward, or where torch does not say)."""
+    fn = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if fn is None else int(fn())
+
+
 def _make_map_forward(tracker: GradNormTracker, name: str):
     """A forward for one Linear/Conv1d/Conv2d, used while the tracker is entered: untracked calls (tracker not
     recording, grad disabled) run the class's forward; tracked ones go through ``_linear_apply`` / ``_conv_apply``."""
@@ -465,7 +483,6 @@ class _LinearBookkeeping(torch.autograd.Function):
         return F.linear(x, weight, bias)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -474,7 +491,16 @@ class _LinearBookkeeping(torch.autograd.Function):
         a3, g3 = x.reshape(b, -1, d_in), g.reshape(b, -1, d_out)
         tracker = ctx.tracker
         gw = gb = None
-        if tracker._active:  # the kernel also sums the bias gradient (from the per-sample sums it squares)
+        if torch.is_grad_enabled():  # backward(create_graph=True): gradients autograd can differentiate again
+            if tracker._recording():
+                with torch.no_grad():
+                    wsq, bsq, *_ = linear_grad_bookkeeping(a3.detach(), g3.detach(), bias=need_b)
+                tracker._record(ctx.name, wsq + bsq if need_b else wsq)
+            if need_w:
+                gw = g3.reshape(-1, d_out).t().mm(a3.reshape(-1, d_in))
+            if need_b:
+                gb = g3.sum(dim=(0, 1))
+        elif tracker._recording():  # the kernel also sums the bias gradient (from the per-sample sums it squares)
             if need_b:
                 wsq, bsq, gw, gb = linear_grad_bookkeeping(a3, g3, bias=True, bias_grad=True)
                 tracker._record(ctx.name, wsq + bsq)
@@ -503,14 +529,15 @@ class _ConvBookkeeping(torch.autograd.Function):
         return conv(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.geometry
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         tracker = ctx.tracker
-        record = tracker._active and need_w
-        mask = (need_x, need_w and not record, False)
+        record = tracker._recording() and need_w
+        # backward(create_graph=True): torch's gradients, which autograd can differentiate again; the kernel only norms
+        graph = torch.is_grad_enabled()
+        mask = (need_x, need_w and (graph or not record), False)
         gx = gw = gb = None
         if mask[0] or mask[1]:
             zeros = [0] * len(stride)
@@ -518,21 +545,23 @@ class _ConvBookkeeping(torch.autograd.Function):
                 g, x, weight, None, stride, padding, dilation, False, zeros, groups, mask
             )
         if record:  # the kernel also sums the bias gradient
-            wsq, bsq, gw, *gb = conv_grad_bookkeeping(
-                x,
-                g,
-                kernel_size=tuple(weight.shape[2:]),
-                stride=stride,
-                padding=padding,
-                dilation=dilation,
-                groups=groups,
-                bias=need_b,
-                bias_grad=need_b,
-            )
+            with torch.no_grad():
+                wsq, bsq, gwk, *gbk = conv_grad_bookkeeping(
+                    x.detach(),
+                    g.detach(),
+                    kernel_size=tuple(weight.shape[2:]),
+                    stride=stride,
+                    padding=padding,
+                    dilation=dilation,
+                    groups=groups,
+                    bias=need_b,
+                    bias_grad=need_b and not graph,
+                )
             tracker._record(ctx.name, wsq + bsq if need_b else wsq)
-            gw = gw.to(weight.dtype)
-            gb = gb[0] if need_b else None
-        elif need_b:
+            if not graph:
+                gw = gwk.to(weight.dtype)
+                gb = gbk[0] if need_b else None
+        if need_b and (graph or not record):
             gb = g.sum(dim=[0, *range(2, g.dim())])
         return gx, gw, gb, None, None, None
 
@@ -565,13 +594,14 @@ class _LayerNormTracked(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         tracker = ctx.tracker
-        record = tracker._active and (need_w or need_b)
-        mask = [need_x, need_w and not record, need_b and not record]
+        record = tracker._recording() and (need_w or need_b)
+        # backward(create_graph=True): torch's gradients, which autograd can differentiate again; the kernel only norms
+        graph = torch.is_grad_enabled()
+        mask = [need_x, need_w and (graph or not record), need_b and (graph or not record)]
         gx = gw = gb = None
         if any(mask):
             gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
@@ -579,13 +609,20 @@ class _LayerNormTracked(torch.autograd.Function):
             )
         if record:
             b, n = x.shape[0], weight.numel()
-            wsq, bsq, gw, gb = layer_norm_grad_sqnorms(
-                x.reshape(b, -1, n), g.reshape(b, -1, n), mean, rstd, weight=need_w, bias=need_b
-            )
+            with torch.no_grad():
+                wsq, bsq, gwk, gbk = layer_norm_grad_sqnorms(
+                    x.detach().reshape(b, -1, n),
+                    g.detach().reshape(b, -1, n),
+                    mean.detach(),
+                    rstd.detach(),
+                    weight=need_w,
+                    bias=need_b,
+                )
             sq = wsq if bsq is None else (bsq if wsq is None else wsq + bsq)
             tracker._record(ctx.name, sq, "exact")
-            gw = None if gw is None else gw.reshape(weight.shape)
-            gb = None if gb is None else gb.reshape(bias.shape)
+            if not graph:
+                gw = None if gwk is None else gwk.reshape(weight.shape)
+                gb = None if gbk is None else gbk.reshape(bias.shape)
         return gx, gw, gb, None, None, None, None
 
 
