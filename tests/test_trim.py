@@ -273,6 +273,32 @@ def test_gradcheck(reduction, shape):
     assert torch.autograd.gradcheck(lambda a: trimmed_cross_entropy(a, t, 0.3, reduction=reduction), (x,))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(12, 5), (6, 4, 3)])
+def test_second_derivatives(reduction, shape):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+    t.view(-1)[2] = -100
+    fn = lambda a: trimmed_cross_entropy(a, t, 0.25, reduction=reduction)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (x,))
+    # the create_graph gradient equals the fused kernel's, and a gradient penalty differentiates through it
+    (g1,) = torch.autograd.grad(fn(x).sum(), x)
+    (g2,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+    torch.testing.assert_close(g2.detach(), g1, rtol=1e-12, atol=1e-14)
+    (pen,) = torch.autograd.grad(g2.pow(2).sum(), x)
+    rows = x.unsqueeze(2) if x.dim() == 2 else x
+    loss = F.cross_entropy(rows, t.view(shape[0], -1), reduction="none", ignore_index=-100)
+    _, keep = trimmed_cross_entropy(x.detach(), t, 0.25, reduction="none", return_kept=True)
+    w = keep.view(shape[0], -1).double()
+    if reduction == "mean":
+        w = w / w.sum()
+    (gr,) = torch.autograd.grad((loss * w).sum(), x, create_graph=True)
+    (want,) = torch.autograd.grad(gr.pow(2).sum(), x)
+    torch.testing.assert_close(pen, want, rtol=1e-10, atol=1e-12)
+    assert float(pen.abs().max()) > 0
+
+
 @pytest.mark.parametrize("shape", [(200, 37), (64, 1100), (30, 6, 4), (50, 17), (40, 16)])
 @pytest.mark.parametrize(("reduction", "gout"), [("mean", None), ("mean", -3.5), ("sum", None), ("none", "rand")])
 def test_eager_gradient_matches_default(monkeypatch, shape, reduction, gout):

@@ -15,6 +15,8 @@ Definitions (shared by all three):
   target at −inf has an infinite loss, which trimming drops first). On CUDA no error can be raised without waiting
   for the device: such a row gets a NaN loss, ranked above every other, so trimming drops it first and a kept one
   makes the loss NaN.
+* second derivatives: ``backward(create_graph=True)`` returns a gradient written with torch operators, which autograd
+  can differentiate again (the choice of kept rows is a constant); the default backward uses the fused kernel.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..ops.trim import (
     TrimState,
@@ -57,7 +58,8 @@ class _TrimmedCrossEntropy(torch.autograd.Function):
         state, x3, t, row_shape = trimmed_cross_entropy_forward(
             logits, target, trim, ignore_index=ignore_index, eager_grad=eager, eager_mean=reduction == "mean"
         )
-        ctx.save_for_backward(x3, t, state.row_max, state.log_sum, state.keep)
+        ctx.save_for_backward(x3, t, state.row_max, state.log_sum, state.keep, logits)
+        ctx.ignore_index = ignore_index
         ctx.eager = state.grad  # the gradient for an upstream gradient of 1, returned by backward (or None)
         ctx.grad_factor = state.grad_factor
         ctx.k = state.k
@@ -79,15 +81,16 @@ class _TrimmedCrossEntropy(torch.autograd.Function):
         return out, keep
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out, _grad_keep):  # type: ignore[override]
         eager, ctx.eager = ctx.eager, None  # the eager gradient is handed out once
         if grad_out is None:  # only the mask was used downstream: no gradient
             return None, None, None, None, None
         factor = (1.0 / ctx.k if ctx.k else 0.0) if ctx.reduction == "mean" else 1.0
+        if torch.is_grad_enabled():  # backward(create_graph=True): a gradient autograd can differentiate again
+            return _graph_gradient(ctx, grad_out, factor), None, None, None, None
         if eager is not None and grad_out.dim() == 0 and factor / ctx.grad_factor * float(grad_out) == 1.0:
             return eager.view(ctx.shape), None, None, None, None  # written for exactly this upstream gradient
-        x3, t, row_max, log_sum, keep = ctx.saved_tensors
+        x3, t, row_max, log_sum, keep, _ = ctx.saved_tensors
         state = TrimState(
             loss=None,
             keep=keep,
@@ -102,6 +105,23 @@ class _TrimmedCrossEntropy(torch.autograd.Function):
         scale = grad_out.detach().reshape(-1).to(torch.float64)
         grad = trimmed_cross_entropy_backward(x3, t, state, scale, factor)
         return grad.view(ctx.shape), None, None, None, None
+
+
+def _graph_gradient(ctx: Any, grad_out: torch.Tensor, factor: float) -> torch.Tensor:
+    """The gradient for ``backward(create_graph=True)``, written with torch operators so that autograd can
+    differentiate it again (second derivatives, gradient penalties): the kept rows' cross-entropy weighted by the
+    upstream gradient, differentiated with ``create_graph=True``. The selection of kept rows is a constant."""
+    _, t, _, _, keep, logits = ctx.saved_tensors
+    b = logits.shape[0]
+    rows = (logits.unsqueeze(2) if logits.dim() == 2 else logits.reshape(b, logits.shape[1], -1)).to(torch.float64)
+    with torch.enable_grad():
+        loss = torch.nn.functional.cross_entropy(
+            rows, t.view(b, -1), reduction="none", ignore_index=ctx.ignore_index
+        )  # [B, P]
+        w = keep.view(b, -1).to(torch.float64) * factor
+        w = w * (grad_out.to(torch.float64).reshape(b, -1) if grad_out.dim() else grad_out.to(torch.float64))
+        (grad,) = torch.autograd.grad((loss * w).sum(), logits, create_graph=True)
+    return grad
 
 
 def trimmed_cross_entropy(
@@ -129,8 +149,8 @@ def trimmed_cross_entropy(
     written in one pass into a tensor like ``logits``; nothing of size ``[n, C]`` is allocated besides it. On the CPU
     (float32, unit class stride, more than 16 classes) it is written by the forward pass when ``logits`` requires a
     gradient (see ``EAGER_GRADIENT``). Its value and gradient match ``F.cross_entropy(reduction="none")`` + selection
-    of the k smallest + mean. Only first derivatives are supported. On CUDA, validating the targets synchronises once
-    with the host.
+    of the k smallest + mean. Second derivatives (``backward(create_graph=True)``) are computed with torch operators.
+    On CUDA, validating the targets synchronises once with the host.
     """
     check_trim(trim)
     _check_reduction(reduction)
