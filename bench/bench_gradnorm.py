@@ -183,7 +183,7 @@ def weight_grad_flops(model: nn.Module, x: torch.Tensor) -> float:
     return total[0]
 
 
-def gemm_rate(n: int = 2048, repeat: int = 5) -> float:
+def gemm_rate(n: int = 2048, repeat: int = 12) -> float:
     """float32 FLOP/s of torch's matrix product on large square matrices: the best rate this machine reaches."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
