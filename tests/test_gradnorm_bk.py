@@ -391,7 +391,8 @@ class SeqModel(nn.Module):
 
 
 class NormModel(nn.Module):
-    """LayerNorms: over one and over two dimensions, frozen weight, no bias, a strided input; and a GroupNorm."""
+    """LayerNorms: over one and over two dimensions, frozen weight, no bias, a strided input; a GroupNorm; RMSNorms
+    (eps=None: the dtype's epsilon; over two dimensions)."""
 
     def __init__(self):
         super().__init__()
@@ -401,11 +402,16 @@ class NormModel(nn.Module):
         self.ln_frozen.weight.requires_grad_(False)
         self.ln_nobias = nn.LayerNorm(3, bias=False)
         self.gn = nn.GroupNorm(1, 3)
+        self.rms = nn.RMSNorm(8)
+        self.rms2d = nn.RMSNorm((8, 3), eps=1e-5)
         self.head = nn.Linear(24, 4)
+        with torch.no_grad():
+            for m in (self.rms, self.rms2d):
+                m.weight.uniform_(0.5, 1.5)
 
     def forward(self, x):
-        h = self.ln_frozen(torch.tanh(self.ln2d(self.inp(x))))  # [B, 3, 8]
-        h = self.ln_nobias(torch.tanh(h).transpose(1, 2))  # strided [B, 8, 3]
+        h = self.rms(self.ln_frozen(torch.tanh(self.ln2d(self.inp(x)))))  # [B, 3, 8]
+        h = self.rms2d(self.ln_nobias(torch.tanh(h).transpose(1, 2)))  # strided [B, 8, 3]
         return self.head(self.gn(h.transpose(1, 2)).flatten(1))
 
 

@@ -35,6 +35,8 @@ Other layers:
   and returns their batch sums as the weight and bias gradients (the input gradient is torch's); elsewhere ``x̂`` is
   recomputed from the captured input in a hook;
 * ``GroupNorm`` — the same sums, ``x̂`` recomputed from the captured input;
+* ``RMSNorm`` (torch >= 2.4) — the weight's per-sample sum ``Σ_positions g·x̂`` with ``x̂ = x / rms(x)`` recomputed
+  from the captured input (``eps=None`` means the input dtype's machine epsilon, as in torch);
 * ``MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer`` etc.) — while the tracker is entered its forward
   is replaced by the same computation written with three ``F.linear`` input projections (tracked like Linear layers,
   book-keeping included; they are the row blocks of ``in_proj_weight``) and ``out_proj`` called as a module; the
@@ -68,7 +70,17 @@ from ..ops.gradnorm import (
 )
 
 _REDUCTIONS = ("mean", "sum")
-_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention)
+_RMS_NORM = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()  # torch >= 2.4
+_SUPPORTED = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Embedding,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    *_RMS_NORM,
+    nn.MultiheadAttention,
+)
 _MHA_PARAMS = {"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight"}
 
 
@@ -102,8 +114,9 @@ class GradNormTracker:
     Parameters
     ----------
     model : the ``nn.Module``; every submodule that owns trainable parameters must be one of ``Linear``, ``Conv1d``,
-        ``Conv2d``, ``Embedding``, ``LayerNorm``, ``GroupNorm``, ``MultiheadAttention`` (else ``ValueError`` when the
-        tracker is created). Inputs are batch-first (sequence-first MultiheadAttention inputs are fine).
+        ``Conv2d``, ``Embedding``, ``LayerNorm``, ``GroupNorm``, ``RMSNorm``, ``MultiheadAttention`` (else
+        ``ValueError`` when the tracker is created). Inputs are batch-first (sequence-first MultiheadAttention inputs
+        are fine).
     loss_reduction : ``"mean"`` (default) when the loss is the mean of ``B`` per-sample losses: the captured output
         gradients are then ``1/B`` of the per-sample ones and the norms are multiplied by ``B``; ``"sum"`` when the loss
         is their sum (norms as captured).
@@ -339,7 +352,9 @@ class GradNormTracker:
             return _embedding_sq(module, x, g)
         if isinstance(module, nn.LayerNorm):
             return _layer_norm_sq(module, x, g)
-        return _group_norm_sq(module, x, g)
+        if isinstance(module, nn.GroupNorm):
+            return _group_norm_sq(module, x, g)
+        return _rms_norm_sq(module, x, g)
 
     def _linear(self, name: str, a3: torch.Tensor, g3: torch.Tensor, weight: bool, bias: bool) -> torch.Tensor:
         if g3.dtype != a3.dtype:  # mixed precision: one documented cast to the input's dtype
@@ -783,6 +798,16 @@ def _group_norm_sq(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor) -> to
     xhat = F.group_norm(x, module.num_groups, None, None, module.eps).reshape(b, c, -1).transpose(1, 2)  # [B, P, C]
     g3 = g.reshape(b, c, -1).transpose(1, 2).to(xhat.dtype)
     return _affine_sq(xhat, g3, _trainable(module.weight), _trainable(module.bias))
+
+
+def _rms_norm_sq(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    b = x.shape[0]
+    n = 1
+    for s in module.normalized_shape:
+        n *= s
+    x3 = x.reshape(b, -1, n)
+    xhat = F.rms_norm(x3, (n,), None, module.eps)  # x / sqrt(mean(x²) + eps), as the forward computed it
+    return _affine_sq(xhat, g.reshape(b, -1, n).to(xhat.dtype), _trainable(module.weight), False)
 
 
 __all__ = ["GradNormTracker"]
