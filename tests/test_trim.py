@@ -371,10 +371,90 @@ def test_module_matches_function():
     b, keep = trimmed_cross_entropy(x, t, 0.2, reduction="sum", return_kept=True)
     assert torch.equal(a, b) and torch.equal(crit.kept_, keep)
     assert torch.equal(TrimmedCrossEntropyLoss(0.0)(x, t), trimmed_cross_entropy(x, t, 0.0))
-    with pytest.raises(ValueError, match="class weights"):
-        TrimmedCrossEntropyLoss(weight=torch.ones(7))
-    with pytest.raises(ValueError, match="label smoothing"):
-        TrimmedCrossEntropyLoss(label_smoothing=0.1)
+    w = torch.rand(7, generator=g) + 0.5
+    crit = TrimmedCrossEntropyLoss(trim=0.2, weight=w, label_smoothing=0.1)
+    assert "label_smoothing=0.1" in repr(crit) and torch.equal(crit.weight, w)
+    want = trimmed_cross_entropy(x, t, 0.2, weight=w, label_smoothing=0.1)
+    assert torch.equal(crit(x, t), want)
+    with pytest.raises(TypeError, match="1-D torch tensor"):
+        TrimmedCrossEntropyLoss(weight=[1.0] * 7)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\]"):
+        TrimmedCrossEntropyLoss(label_smoothing=1.5)
+    with pytest.raises(TypeError, match="label_smoothing must be a float"):
+        TrimmedCrossEntropyLoss(label_smoothing="0.1")
+
+
+def _weighted_reference(x, t, trim, weight, smoothing, ignore_index=-100):
+    """float64 numpy reference: per-row smoothed, weighted losses; the k smallest valid rows by a stable argsort."""
+    b, c = x.shape[0], x.shape[1]
+    xr = np.moveaxis(x.detach().double().numpy().reshape(b, c, -1), 1, 2).reshape(-1, c)  # rows [n, C]
+    tr = t.numpy().reshape(-1)
+    w = np.ones(c) if weight is None else weight.double().numpy()
+    m = xr.max(1, keepdims=True)
+    logp = xr - m - np.log(np.exp(xr - m).sum(1, keepdims=True))
+    valid = tr != ignore_index
+    ts = np.where(valid, tr, 0)
+    nll = -logp[np.arange(len(tr)), ts] * w[ts]
+    smooth = -(logp * w[None, :]).sum(1)
+    loss = np.where(valid, (1 - smoothing) * nll + smoothing / c * smooth, 0.0)
+    k = keep_count(int(valid.sum()), trim)
+    idx = np.flatnonzero(valid)
+    kept = idx[np.argsort(loss[idx], kind="stable")[:k]]
+    keep = np.zeros(len(tr), dtype=bool)
+    keep[kept] = True
+    return loss, keep, loss[keep].sum(), w[ts][keep].sum()
+
+
+@pytest.mark.parametrize("shape", [(60, 7), (12, 5, 4)])
+@pytest.mark.parametrize(("weighted", "smoothing"), [(True, 0.0), (False, 0.2), (True, 0.3)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weight_and_label_smoothing(shape, weighted, smoothing, reduction):
+    g = torch.Generator().manual_seed(21)
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+    t.view(-1)[::7] = -100
+    w = torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.2 if weighted else None
+    # trim=0 is torch's cross-entropy with the same arguments, value and gradient
+    got = trimmed_cross_entropy(x, t, 0.0, reduction=reduction, weight=w, label_smoothing=smoothing)
+    want = F.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=smoothing)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (ga,) = torch.autograd.grad(got.sum(), x)
+    (gb,) = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-12)
+    # trim > 0: the numpy reference's kept rows, losses and weighted mean
+    out, keep = trimmed_cross_entropy(
+        x, t, 0.3, reduction=reduction, weight=w, label_smoothing=smoothing, return_kept=True
+    )
+    loss, want_keep, total, wsum = _weighted_reference(x, t, 0.3, w, smoothing)
+    np.testing.assert_array_equal(keep.numpy().reshape(-1), want_keep)
+    if reduction == "none":
+        np.testing.assert_allclose(out.detach().numpy().reshape(-1), np.where(want_keep, loss, 0.0), rtol=1e-12)
+    else:
+        want_v = total if reduction == "sum" else total / (wsum if weighted else want_keep.sum())
+        np.testing.assert_allclose(float(out.detach()), want_v, rtol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda a: trimmed_cross_entropy(a, t, 0.3, reduction=reduction, weight=w, label_smoothing=smoothing), (x,)
+    )
+
+
+def test_weight_errors_and_empty():
+    x = torch.randn(8, 3)
+    t = torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
+        trimmed_cross_entropy(x, t, weight=torch.ones(4))
+    with pytest.raises(TypeError, match="floating-point"):
+        trimmed_cross_entropy(x, t, weight=torch.ones(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"target must be in \[0, 3\)"):
+        trimmed_cross_entropy(x, torch.full((8,), 5), label_smoothing=0.1)
+    with pytest.raises(ValueError, match="target must have shape"):
+        trimmed_cross_entropy(x, t[:4], label_smoothing=0.1)
+    xe = torch.randn(0, 3, requires_grad=True)
+    v = trimmed_cross_entropy(xe, torch.zeros(0, dtype=torch.int64), weight=torch.ones(3))
+    assert float(v.detach()) == 0.0
+    v.backward()
+    assert xe.grad.shape == (0, 3)
+    ignored = torch.full((8,), -100)
+    assert float(trimmed_cross_entropy(x, ignored, label_smoothing=0.1)) == 0.0
 
 
 def test_trimmed_loss_any_criterion():

@@ -27,6 +27,9 @@ import torch
 
 from ..ops.trim import (
     TrimState,
+    _as_rows,
+    _check_target,
+    _count_valid,
     check_trim,
     keep_count,
     trimmed_cross_entropy_backward,
@@ -132,6 +135,8 @@ def trimmed_cross_entropy(
     reduction: str = "mean",
     ignore_index: int = -100,
     return_kept: bool = False,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy over the ``1 − trim`` share of rows with the smallest loss (fused forward and backward).
 
@@ -144,6 +149,11 @@ def trimmed_cross_entropy(
     trim : share of the valid rows to drop, in ``[0, 1)``.
     reduction : "mean" (default), "sum" or "none" (see the module docstring).
     return_kept : also return the bool mask of kept rows (shape of ``target``).
+    weight, label_smoothing : as in :func:`torch.nn.functional.cross_entropy` (class weights ``[C]``, smoothing in
+        ``[0, 1]``). With either one set, the rows' losses are torch's (``reduction="none"``, which includes the
+        weights), the k smallest are kept as above, and "mean" divides their sum by the sum of the kept rows' class
+        weights (torch's weighted mean, restricted to the kept rows): at ``trim=0`` the result is
+        ``F.cross_entropy``'s. That path runs torch operators, not the fused kernel; a NaN loss ranks last.
 
     The gradient is ``(softmax − onehot) · grad_output / k`` on the kept rows ("mean") and exactly 0 on the others,
     written in one pass into a tensor like ``logits``; nothing of size ``[n, C]`` is allocated besides it. On the CPU
@@ -158,15 +168,84 @@ def trimmed_cross_entropy(
         raise TypeError(
             f"logits and target must be torch tensors, got {type(logits).__name__} and {type(target).__name__}"
         )
-    out, keep = _TrimmedCrossEntropy.apply(logits, target, float(trim), reduction, ignore_index)
+    smoothing = _check_label_smoothing(label_smoothing)
+    if weight is not None or smoothing != 0.0:
+        out, keep = _trimmed_cross_entropy_torch(logits, target, trim, reduction, ignore_index, weight, smoothing)
+    else:
+        out, keep = _TrimmedCrossEntropy.apply(logits, target, float(trim), reduction, ignore_index)
     return (out, keep) if return_kept else out
+
+
+def _check_label_smoothing(label_smoothing: Any) -> float:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    return float(label_smoothing)
+
+
+def _trimmed_cross_entropy_torch(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    trim: float,
+    reduction: str,
+    ignore_index: int,
+    weight: torch.Tensor | None,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class-weighted / label-smoothed case with torch operators (see :func:`trimmed_cross_entropy`)."""
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    x3, row_shape = _as_rows(logits)
+    n_classes = x3.shape[1]
+    t = _check_target(target, row_shape, logits.device.type == "cuda")
+    if t.device != logits.device:
+        raise ValueError(f"target is on {t.device} but logits are on {logits.device}")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
+            raise TypeError(f"weight must be a floating-point torch tensor of {n_classes} class weights")
+        if tuple(weight.shape) != (n_classes,):
+            raise ValueError(
+                f"weight must have shape ({n_classes},) for {n_classes} classes, got {tuple(weight.shape)}"
+            )
+        if weight.device != logits.device:
+            raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
+    n_valid = _count_valid(t, n_classes, ignore_index)
+    k = keep_count(n_valid, trim)
+    rows = torch.nn.functional.cross_entropy(
+        logits,
+        t.view(row_shape),
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    ).reshape(-1)
+    valid = t != ignore_index
+    # the k smallest valid losses, equal losses by row index (stable sorts): by loss, then valid rows first
+    order = torch.sort(rows.detach(), stable=True).indices
+    order = order[torch.sort((~valid[order]).to(torch.uint8), stable=True).indices]
+    keep = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
+    keep[order[:k]] = True
+    kept = torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    if reduction == "none":
+        out = kept.view(row_shape)
+    elif reduction == "sum":
+        out = kept.sum()
+    elif not k:
+        out = kept.sum() * 0.0
+    elif weight is None:
+        out = kept.sum() / k
+    else:
+        w = weight.to(rows.dtype)[torch.where(valid, t, 0)]
+        out = kept.sum() / torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device)).sum()
+    return out, keep.view(row_shape)
 
 
 class TrimmedCrossEntropyLoss(torch.nn.Module):
     """Drop-in for :class:`torch.nn.CrossEntropyLoss` that averages over the ``1 − trim`` share of rows with the
-    smallest loss (see :func:`trimmed_cross_entropy`). ``weight`` and ``label_smoothing`` are accepted for signature
-    compatibility but only their defaults are supported (ValueError otherwise). After each call, ``kept_`` holds the
-    bool mask of the rows kept in it.
+    smallest loss (see :func:`trimmed_cross_entropy`). ``weight`` (class weights, kept as a buffer) and
+    ``label_smoothing`` act as in ``nn.CrossEntropyLoss``; with either one set the loss runs torch operators instead of
+    the fused kernel. After each call, ``kept_`` holds the bool mask of the rows kept in it.
     """
 
     def __init__(
@@ -179,10 +258,10 @@ class TrimmedCrossEntropyLoss(torch.nn.Module):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        if weight is not None:
-            raise ValueError("TrimmedCrossEntropyLoss does not support class weights (weight must be None)")
-        if label_smoothing != 0.0:
-            raise ValueError(f"TrimmedCrossEntropyLoss does not support label smoothing, got {label_smoothing}")
+        if weight is not None and not (isinstance(weight, torch.Tensor) and weight.dim() == 1):
+            raise TypeError("weight must be None or a 1-D torch tensor of class weights")
+        self.register_buffer("weight", weight)
+        self.label_smoothing = _check_label_smoothing(label_smoothing)
         self.trim = check_trim(trim)
         self.ignore_index = int(ignore_index)
         self.reduction = _check_reduction(reduction)
@@ -190,13 +269,21 @@ class TrimmedCrossEntropyLoss(torch.nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         out, keep = trimmed_cross_entropy(
-            input, target, self.trim, reduction=self.reduction, ignore_index=self.ignore_index, return_kept=True
+            input,
+            target,
+            self.trim,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            return_kept=True,
+            weight=self.weight,
+            label_smoothing=self.label_smoothing,
         )
         self.kept_ = keep
         return out
 
     def extra_repr(self) -> str:
-        return f"trim={self.trim}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+        extra = f", label_smoothing={self.label_smoothing}" if self.label_smoothing else ""
+        return f"trim={self.trim}, reduction={self.reduction!r}, ignore_index={self.ignore_index}{extra}"
 
 
 def trimmed_loss(
