@@ -783,14 +783,18 @@ def _affine_sq(xhat: torch.Tensor, g: torch.Tensor, weight: bool, bias: bool) ->
     return out
 
 
-def _layer_norm_sq(module: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    b = x.shape[0]
-    n = 1
+def _normalized_rows(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``x`` and ``g`` as ``[B, P, N]`` over the module's ``normalized_shape`` (N = its size), and N."""
+    b, n = x.shape[0], 1
     for s in module.normalized_shape:
         n *= s
-    x3 = x.reshape(b, -1, n)
+    return x.reshape(b, -1, n), g.reshape(b, -1, n), n
+
+
+def _layer_norm_sq(module: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    x3, g3, n = _normalized_rows(module, x, g)
     xhat = torch.native_layer_norm(x3, (n,), None, None, module.eps)[0]  # (x − μ)·rstd, as the forward computed it
-    return _affine_sq(xhat, g.reshape(b, -1, n).to(xhat.dtype), _trainable(module.weight), _trainable(module.bias))
+    return _affine_sq(xhat, g3.to(xhat.dtype), _trainable(module.weight), _trainable(module.bias))
 
 
 def _group_norm_sq(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -801,13 +805,9 @@ def _group_norm_sq(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor) -> to
 
 
 def _rms_norm_sq(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    b = x.shape[0]
-    n = 1
-    for s in module.normalized_shape:
-        n *= s
-    x3 = x.reshape(b, -1, n)
+    x3, g3, n = _normalized_rows(module, x, g)
     xhat = F.rms_norm(x3, (n,), None, module.eps)  # x / sqrt(mean(x²) + eps), as the forward computed it
-    return _affine_sq(xhat, g.reshape(b, -1, n).to(xhat.dtype), _trainable(module.weight), False)
+    return _affine_sq(xhat, g3.to(xhat.dtype), _trainable(module.weight), False)
 
 
 __all__ = ["GradNormTracker"]
