@@ -96,6 +96,14 @@ def build(name: str, batch: int, seq: int = 128) -> tuple[nn.Module, torch.Tenso
     raise ValueError(f"unknown model {name!r}")
 
 
+def _norms_of(per_sample_grads: list[torch.Tensor], b: int) -> torch.Tensor:
+    """Per-sample norms from per-sample gradients ``[B, ...]`` as opacus's own clipping computes them: one float32
+    norm per parameter (a single pass, no copy), combined in float64. (Squaring a float64 copy of every per-sample
+    gradient instead costs the baselines 25-35% of their step: 0.15 s on the CNN, 0.75 s on the transformer.)"""
+    per_param = torch.stack([torch.linalg.vector_norm(g.reshape(b, -1), dim=1) for g in per_sample_grads], dim=1)
+    return per_param.double().pow(2).sum(1).sqrt()
+
+
 def make_step(impl: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     """A callable running one step of ``impl``; returns the per-sample norms (or None for the plain step)."""
     if impl == "plain":
@@ -138,8 +146,7 @@ def make_step(impl: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
             for p in params:
                 p.grad_sample = None
             F.cross_entropy(gsm(x), y).backward()
-            sq = sum(p.grad_sample.reshape(x.shape[0], -1).double().pow(2).sum(1) for p in params)
-            return sq.sqrt()
+            return _norms_of([p.grad_sample for p in params], x.shape[0])
 
         return step
     if impl == "vmap":
@@ -153,8 +160,7 @@ def make_step(impl: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
 
         def step():
-            grads = per_sample(params, x, y)
-            return sum(g.reshape(x.shape[0], -1).double().pow(2).sum(1) for g in grads.values()).sqrt()
+            return _norms_of(list(per_sample(params, x, y).values()), x.shape[0])
 
         return step
     raise ValueError(impl)
