@@ -99,7 +99,7 @@ def build(name: str, batch: int, seq: int = 128) -> tuple[nn.Module, torch.Tenso
 def _norms_of(per_sample_grads: list[torch.Tensor], b: int) -> torch.Tensor:
     """Per-sample norms from per-sample gradients ``[B, ...]`` as opacus's own clipping computes them: one float32
     norm per parameter (a single pass, no copy), combined in float64. (Squaring a float64 copy of every per-sample
-    gradient instead costs the baselines 25-35% of their step: 0.15 s on the CNN, 0.75 s on the transformer.)"""
+    gradient instead costs the baselines 25-40% of their step: 0.15 s on the CNN, 0.75 s on the transformer.)"""
     per_param = torch.stack([torch.linalg.vector_norm(g.reshape(b, -1), dim=1) for g in per_sample_grads], dim=1)
     return per_param.double().pow(2).sum(1).sqrt()
 
