@@ -142,8 +142,9 @@ def trimmed_cross_entropy(
 
     Parameters
     ----------
-    logits : ``[B, C]`` or ``[B, C, d1, ...]`` tensor; float32/float64 on the CPU, float16/bfloat16/float32/float64
-        on CUDA. Read in place through its strides (transposed and sliced views included: no copy).
+    logits : ``[B, C]`` or ``[B, C, d1, ...]`` tensor; float16/bfloat16/float32/float64. Read in place through its
+        strides (transposed and sliced views included: no copy). float16/bfloat16 on the CPU (e.g. under CPU
+        autocast) run through torch operators like ``weight`` below; the fused CPU kernel takes float32/float64.
     target : integer class indices ``[B]`` or ``[B, d1, ...]`` on the same device, each in ``[0, C)`` or
         ``ignore_index`` (converted to contiguous int64 when it is not already: a copy of ``n`` integers).
     trim : share of the valid rows to drop, in ``[0, 1)``.
@@ -169,7 +170,8 @@ def trimmed_cross_entropy(
             f"logits and target must be torch tensors, got {type(logits).__name__} and {type(target).__name__}"
         )
     smoothing = _check_label_smoothing(label_smoothing)
-    if weight is not None or smoothing != 0.0:
+    half_cpu = logits.device.type == "cpu" and logits.dtype in (torch.float16, torch.bfloat16)
+    if weight is not None or smoothing != 0.0 or half_cpu:
         out, keep = _trimmed_cross_entropy_torch(logits, target, trim, reduction, ignore_index, weight, smoothing)
     else:
         out, keep = _TrimmedCrossEntropy.apply(logits, target, float(trim), reduction, ignore_index)
