@@ -437,6 +437,44 @@ def test_weight_and_label_smoothing(shape, weighted, smoothing, reduction):
     )
 
 
+@pytest.mark.parametrize("shape", [(300, 37), (40, 1100), (30, 12, 5), (257, 5)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_label_smoothing_fused_matches_torch_path(monkeypatch, shape, reduction):
+    # on the CPU (float32/float64) label smoothing runs the fused kernel plus one correction pass; the torch-operator
+    # path (class weights, CUDA) is the reference here
+    import poisonguard.torch.trim as trim_mod
+
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(*shape, generator=g) * 3
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+    t.view(-1)[::11] = -100
+    x.view(-1)[5] = -math.inf  # a masked class
+    gout = torch.rand(t.shape, generator=g) if reduction == "none" else torch.tensor(1.7)
+    xd = x.double().requires_grad_(True)
+    want_v, want_k = trim_mod._trimmed_cross_entropy_torch(xd, t, 0.2, reduction, -100, None, 0.15)
+    (want_g,) = torch.autograd.grad(want_v, xd, gout.double())
+    want_v = want_v.detach()
+
+    def no_torch_path(*a, **k):
+        raise AssertionError("the torch-operator path ran")
+
+    monkeypatch.setattr(trim_mod, "_trimmed_cross_entropy_torch", no_torch_path)
+    xs = x.clone().requires_grad_(True)
+    got_v, got_k = trimmed_cross_entropy(xs, t, 0.2, reduction=reduction, label_smoothing=0.15, return_kept=True)
+    assert torch.equal(got_k, want_k)
+    torch.testing.assert_close(got_v.double(), want_v, rtol=2e-6, atol=1e-6)
+    (got_g,) = torch.autograd.grad(got_v, xs, gout)
+    torch.testing.assert_close(got_g.double(), want_g, rtol=1e-5, atol=1e-6)
+    assert (got_g.view(shape[0], shape[1], -1).transpose(1, 2).reshape(-1, shape[1])[~got_k.view(-1)] == 0).all()
+
+
+def test_label_smoothing_second_derivatives():
+    g = torch.Generator().manual_seed(24)
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    t = torch.randint(0, 6, (10,), generator=g)
+    assert torch.autograd.gradgradcheck(lambda a: trimmed_cross_entropy(a, t, 0.3, label_smoothing=0.2), (x,))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_on_cpu(dtype):
     # no fused CPU kernel for these: torch operators, the same rows kept as in float32 (up to rounding ties)

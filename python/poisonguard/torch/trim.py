@@ -53,16 +53,21 @@ def _check_reduction(reduction: Any) -> str:
 
 class _TrimmedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, trim, reduction, ignore_index):  # type: ignore[override]
+    def forward(ctx, logits, target, trim, reduction, ignore_index, smoothing=0.0):  # type: ignore[override]
         # No zero-filled gradient for the bool mask output (n elements, filled by torch's thread pool at each
         # backward call): backward receives None for it.
         ctx.set_materialize_grads(False)
-        eager = EAGER_GRADIENT and ctx.needs_input_grad[0]
-        state, x3, t, row_shape = trimmed_cross_entropy_forward(
-            logits, target, trim, ignore_index=ignore_index, eager_grad=eager, eager_mean=reduction == "mean"
-        )
+        if smoothing:  # the kernel's per-row statistics with every valid row kept, then the smoothed selection
+            state, x3, t, row_shape = trimmed_cross_entropy_forward(logits, target, 0.0, ignore_index=ignore_index)
+            _smooth(state, x3, t, trim, ignore_index, smoothing)
+        else:
+            eager = EAGER_GRADIENT and ctx.needs_input_grad[0]
+            state, x3, t, row_shape = trimmed_cross_entropy_forward(
+                logits, target, trim, ignore_index=ignore_index, eager_grad=eager, eager_mean=reduction == "mean"
+            )
         ctx.save_for_backward(x3, t, state.row_max, state.log_sum, state.keep, logits)
         ctx.ignore_index = ignore_index
+        ctx.smoothing = smoothing
         ctx.eager = state.grad  # the gradient for an upstream gradient of 1, returned by backward (or None)
         ctx.grad_factor = state.grad_factor
         ctx.k = state.k
@@ -87,12 +92,12 @@ class _TrimmedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_keep):  # type: ignore[override]
         eager, ctx.eager = ctx.eager, None  # the eager gradient is handed out once
         if grad_out is None:  # only the mask was used downstream: no gradient
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         factor = (1.0 / ctx.k if ctx.k else 0.0) if ctx.reduction == "mean" else 1.0
         if torch.is_grad_enabled():  # backward(create_graph=True): a gradient autograd can differentiate again
-            return _graph_gradient(ctx, grad_out, factor), None, None, None, None
+            return _graph_gradient(ctx, grad_out, factor), None, None, None, None, None
         if eager is not None and grad_out.dim() == 0 and factor / ctx.grad_factor * float(grad_out) == 1.0:
-            return eager.view(ctx.shape), None, None, None, None  # written for exactly this upstream gradient
+            return eager.view(ctx.shape), None, None, None, None, None  # written for exactly this upstream gradient
         x3, t, row_max, log_sum, keep, _ = ctx.saved_tensors
         state = TrimState(
             loss=None,
@@ -107,7 +112,36 @@ class _TrimmedCrossEntropy(torch.autograd.Function):
         )
         scale = grad_out.detach().reshape(-1).to(torch.float64)
         grad = trimmed_cross_entropy_backward(x3, t, state, scale, factor)
-        return grad.view(ctx.shape), None, None, None, None
+        if ctx.smoothing:  # (softmax − onehot) → softmax − (1 − ε)·onehot − ε/C on the kept rows, in place
+            b, c, p = x3.shape
+            coef = (keep.to(torch.float64) * (factor * ctx.smoothing) * scale).view(b, 1, p)
+            grad -= (coef / c).to(grad.dtype)
+            grad.scatter_add_(1, torch.where(keep, t, 0).view(b, 1, p), coef.to(grad.dtype))
+        return grad.view(ctx.shape), None, None, None, None, None
+
+
+def _smooth(state: TrimState, x3: torch.Tensor, t: torch.Tensor, trim: float, ignore_index: int, eps: float) -> None:
+    """Turns the kernel's per-row cross-entropy (all valid rows kept) into the label-smoothed loss
+    ``(1 − ε)·CE + ε·(lse − mean_j x_j) = CE + ε·(x_t − mean_j x_j)`` (one more read of the logits) and keeps its
+    k smallest valid rows, equal losses by row index; updates ``state`` in place."""
+    b, _, p = x3.shape
+    xd = x3.detach()
+    valid = t != ignore_index
+    mean = xd.mean(dim=1, dtype=torch.float64).reshape(-1)
+    xt = xd.gather(1, torch.where(valid, t, 0).view(b, 1, p)).reshape(-1).to(torch.float64)
+    ce = state.loss
+    smoothed = torch.where(torch.isinf(ce), ce, ce + eps * (xt - mean))  # a target at −inf: +inf, as torch
+    loss = torch.where(valid, smoothed, torch.zeros((), dtype=torch.float64))
+    k = keep_count(state.n_valid, trim)
+    if k == state.n_valid:
+        keep = valid
+    else:
+        order = torch.sort(loss, stable=True).indices
+        order = order[torch.sort((~valid[order]).to(torch.uint8), stable=True).indices]
+        keep = torch.zeros(loss.numel(), dtype=torch.bool)
+        keep[order[:k]] = True
+    state.loss, state.keep, state.k = loss, keep, k
+    state.total = float(torch.where(keep, loss, torch.zeros((), dtype=torch.float64)).sum())
 
 
 def _graph_gradient(ctx: Any, grad_out: torch.Tensor, factor: float) -> torch.Tensor:
@@ -119,7 +153,7 @@ def _graph_gradient(ctx: Any, grad_out: torch.Tensor, factor: float) -> torch.Te
     rows = (logits.unsqueeze(2) if logits.dim() == 2 else logits.reshape(b, logits.shape[1], -1)).to(torch.float64)
     with torch.enable_grad():
         loss = torch.nn.functional.cross_entropy(
-            rows, t.view(b, -1), reduction="none", ignore_index=ctx.ignore_index
+            rows, t.view(b, -1), reduction="none", ignore_index=ctx.ignore_index, label_smoothing=ctx.smoothing
         )  # [B, P]
         w = keep.view(b, -1).to(torch.float64) * factor
         w = w * (grad_out.to(torch.float64).reshape(b, -1) if grad_out.dim() else grad_out.to(torch.float64))
@@ -154,7 +188,9 @@ def trimmed_cross_entropy(
         ``[0, 1]``). With either one set, the rows' losses are torch's (``reduction="none"``, which includes the
         weights), the k smallest are kept as above, and "mean" divides their sum by the sum of the kept rows' class
         weights (torch's weighted mean, restricted to the kept rows): at ``trim=0`` the result is
-        ``F.cross_entropy``'s. That path runs torch operators, not the fused kernel; a NaN loss ranks last.
+        ``F.cross_entropy``'s. Label smoothing alone on the CPU runs the fused kernel plus one more read of the
+        logits (their row means) and one correction pass over the gradient; class weights, and smoothing on CUDA,
+        run torch operators (where a NaN loss ranks last).
 
     The gradient is ``(softmax − onehot) · grad_output / k`` on the kept rows ("mean") and exactly 0 on the others,
     written in one pass into a tensor like ``logits``; nothing of size ``[n, C]`` is allocated besides it. On the CPU
@@ -171,10 +207,10 @@ def trimmed_cross_entropy(
         )
     smoothing = _check_label_smoothing(label_smoothing)
     half_cpu = logits.device.type == "cpu" and logits.dtype in (torch.float16, torch.bfloat16)
-    if weight is not None or smoothing != 0.0 or half_cpu:
+    if weight is not None or half_cpu or (smoothing != 0.0 and logits.device.type != "cpu"):
         out, keep = _trimmed_cross_entropy_torch(logits, target, trim, reduction, ignore_index, weight, smoothing)
     else:
-        out, keep = _TrimmedCrossEntropy.apply(logits, target, float(trim), reduction, ignore_index)
+        out, keep = _TrimmedCrossEntropy.apply(logits, target, float(trim), reduction, ignore_index, smoothing)
     return (out, keep) if return_kept else out
 
 
@@ -246,8 +282,8 @@ def _trimmed_cross_entropy_torch(
 class TrimmedCrossEntropyLoss(torch.nn.Module):
     """Drop-in for :class:`torch.nn.CrossEntropyLoss` that averages over the ``1 − trim`` share of rows with the
     smallest loss (see :func:`trimmed_cross_entropy`). ``weight`` (class weights, kept as a buffer) and
-    ``label_smoothing`` act as in ``nn.CrossEntropyLoss``; with either one set the loss runs torch operators instead of
-    the fused kernel. After each call, ``kept_`` holds the bool mask of the rows kept in it.
+    ``label_smoothing`` act as in ``nn.CrossEntropyLoss`` (see :func:`trimmed_cross_entropy` for which path runs
+    them). After each call, ``kept_`` holds the bool mask of the rows kept in it.
     """
 
     def __init__(
