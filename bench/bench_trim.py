@@ -61,62 +61,69 @@ def interleaved(fns: dict, repeat: int, warmup: int = 1) -> dict:
 DEFAULT_EAGER = pg_trim.EAGER_GRADIENT
 
 
-def ours(x: torch.Tensor, t: torch.Tensor, trim: float, eager: bool = DEFAULT_EAGER) -> float:
+def ours(x: torch.Tensor, t: torch.Tensor, trim: float, eager: bool = DEFAULT_EAGER, smoothing: float = 0.0) -> float:
     x.grad = None
     pg_trim.EAGER_GRADIENT = eager
     try:
-        loss = trimmed_cross_entropy(x, t, trim)
+        loss = trimmed_cross_entropy(x, t, trim, label_smoothing=smoothing)
     finally:
         pg_trim.EAGER_GRADIENT = DEFAULT_EAGER
     loss.backward()
     return float(loss.detach())
 
 
-def reference(x: torch.Tensor, t: torch.Tensor, trim: float) -> float:
+def reference(x: torch.Tensor, t: torch.Tensor, trim: float, smoothing: float = 0.0) -> float:
     x.grad = None
     k = keep_count(t.shape[0], trim)
-    loss = torch.topk(F.cross_entropy(x, t, reduction="none"), k, largest=False, sorted=False).values.mean()
+    rows = F.cross_entropy(x, t, reduction="none", label_smoothing=smoothing)
+    loss = torch.topk(rows, k, largest=False, sorted=False).values.mean()
     loss.backward()
     return float(loss.detach())
 
 
-def bench_size(b: int, c: int, trim: float, repeat: int) -> dict:
+def bench_size(b: int, c: int, trim: float, repeat: int, smoothing: float = 0.0) -> dict:
+    def ours_s(x, t, trim, eager=DEFAULT_EAGER):
+        return ours(x, t, trim, eager, smoothing)
+
+    def reference_(x, t, trim):
+        return reference(x, t, trim, smoothing)
+
     g = torch.Generator().manual_seed(b + c)
     x = (torch.randn(b, c, generator=g) * 2).requires_grad_(True)
     t = torch.randint(0, c, (b,), generator=g)
     # Agreement first.
-    v_ref = reference(x, t, trim)
+    v_ref = reference_(x, t, trim)
     g_ref = x.grad.clone()
-    v_ours = ours(x, t, trim)
+    v_ours = ours_s(x, t, trim)
     err_v = abs(v_ours - v_ref) / abs(v_ref)
     err_g = float(torch.linalg.norm((x.grad - g_ref).double()) / torch.linalg.norm(g_ref.double()))
-    v_eager = ours(x, t, trim, eager=not DEFAULT_EAGER)
+    v_eager = ours_s(x, t, trim, eager=not DEFAULT_EAGER)
     err_e = float(torch.linalg.norm((x.grad - g_ref).double()) / torch.linalg.norm(g_ref.double()))
     if abs(v_eager - v_ours) > 1e-6 * abs(v_ours) or err_e > 1e-5:
         raise RuntimeError(f"EAGER_GRADIENT variants disagree: value {v_eager} vs {v_ours}, gradient error {err_e:.1e}")
     del g_ref
     x.grad = None
-    mem_ours = peak_rss_delta(lambda: ours(x, t, trim))
+    mem_ours = peak_rss_delta(lambda: ours_s(x, t, trim))
     x.grad = None
-    mem_ref = peak_rss_delta(lambda: reference(x, t, trim))
+    mem_ref = peak_rss_delta(lambda: reference_(x, t, trim))
     x.grad = None
     # Millisecond-scale calls are timed more often (at least ~0.3 s of the reference per size): a median of 7 of
     # them moves by ±30% from one run to the next.
     t0 = time.perf_counter()
-    reference(x, t, trim)
+    reference_(x, t, trim)
     x.grad = None
     rounds = max(repeat, min(2000, int(0.3 / max(time.perf_counter() - t0, 1e-6))))
     tm = interleaved(
         {
-            "ours": lambda: ours(x, t, trim),
-            "ref": lambda: reference(x, t, trim),
-            "eager": lambda: ours(x, t, trim, eager=not DEFAULT_EAGER),
+            "ours": lambda: ours_s(x, t, trim),
+            "ref": lambda: reference_(x, t, trim),
+            "eager": lambda: ours_s(x, t, trim, eager=not DEFAULT_EAGER),
         },
         rounds,
         warmup=3,
     )
     t_ours, t_ref, t_eager = tm["ours"], tm["ref"], tm["eager"]
-    size = f"{b}x{c} f32 trim{trim}"
+    size = f"{b}x{c} f32 trim{trim}" + (f" smoothing{smoothing}" if smoothing else "")
     record("trimmed_cross_entropy_fwd_bwd", size, "poisonguard", t_ours, f"peak +{mem_ours} MiB")
     record("trimmed_cross_entropy_fwd_bwd", size, "torch CE+topk+mean", t_ref, f"peak +{mem_ref} MiB")
     other = "poisonguard EAGER_GRADIENT=" + str(not DEFAULT_EAGER)
@@ -139,16 +146,18 @@ def main() -> None:
     p.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated BxC list (default: %(default)s)")
     p.add_argument("--trim", type=float, default=0.1)
     p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="for ours and the reference alike")
     args = p.parse_args()
     header("bench_trim")
     print(
         f"# torch {torch.__version__}, torch threads {torch.get_num_threads()}, poisonguard threads "
-        f"{pg.get_num_threads()}; float32 logits, trim {args.trim}, forward + backward"
+        f"{pg.get_num_threads()}; float32 logits, trim {args.trim}, label smoothing {args.label_smoothing}, "
+        "forward + backward"
     )
     rows = []
     for s in args.sizes.split(","):
         b, c = (int(v) for v in s.lower().split("x"))
-        rows.append(bench_size(b, c, args.trim, args.repeat))
+        rows.append(bench_size(b, c, args.trim, args.repeat, args.label_smoothing))
     print(
         f"\n{'size':>11} {'rel err value':>14} {'rel err grad':>13} {'ours s':>8} {'p20-p80':>15} {'torch s':>8} "
         f"{'p20-p80':>15} {'speed-up':>9} {'peak ours':>10} {'peak torch':>11} {'grad MiB':>9}"

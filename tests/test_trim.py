@@ -468,6 +468,15 @@ def test_label_smoothing_fused_matches_torch_path(monkeypatch, shape, reduction)
     assert (got_g.view(shape[0], shape[1], -1).transpose(1, 2).reshape(-1, shape[1])[~got_k.view(-1)] == 0).all()
 
 
+def test_label_smoothing_ties_keep_lower_rows():
+    x = torch.tensor([[1.0, 2.0, 0.5]]).repeat(10, 1)
+    x[3] = torch.tensor([5.0, 0.0, 0.0])  # the one low loss (target 0)
+    t = torch.zeros(10, dtype=torch.int64)
+    t[1] = -100
+    _, keep = trimmed_cross_entropy(x, t, 0.5, label_smoothing=0.1, return_kept=True)
+    assert keep.tolist() == [True, False, True, True, True, True, False, False, False, False]
+
+
 def test_label_smoothing_second_derivatives():
     g = torch.Generator().manual_seed(24)
     x = torch.randn(10, 6, generator=g, dtype=torch.float64).requires_grad_(True)

@@ -127,7 +127,7 @@ def _smooth(state: TrimState, x3: torch.Tensor, t: torch.Tensor, trim: float, ig
     b, _, p = x3.shape
     xd = x3.detach()
     valid = t != ignore_index
-    mean = xd.mean(dim=1, dtype=torch.float64).reshape(-1)
+    mean = xd.mean(dim=1).reshape(-1).to(torch.float64)  # in the logits' dtype: no float64 copy of [B, C]
     xt = xd.gather(1, torch.where(valid, t, 0).view(b, 1, p)).reshape(-1).to(torch.float64)
     ce = state.loss
     smoothed = torch.where(torch.isinf(ce), ce, ce + eps * (xt - mean))  # a target at −inf: +inf, as torch
@@ -135,11 +135,14 @@ def _smooth(state: TrimState, x3: torch.Tensor, t: torch.Tensor, trim: float, ig
     k = keep_count(state.n_valid, trim)
     if k == state.n_valid:
         keep = valid
-    else:
-        order = torch.sort(loss, stable=True).indices
-        order = order[torch.sort((~valid[order]).to(torch.uint8), stable=True).indices]
+    else:  # the k-th smallest valid loss (a selection, not a sort), then the lowest-indexed rows equal to it
+        idx = valid.nonzero().squeeze(1)
+        vals = loss[idx]
+        v = torch.kthvalue(vals, k).values
+        sel = vals < v
+        sel[(vals == v).nonzero().squeeze(1)[: k - int(sel.sum())]] = True
         keep = torch.zeros(loss.numel(), dtype=torch.bool)
-        keep[order[:k]] = True
+        keep[idx] = sel
     state.loss, state.keep, state.k = loss, keep, k
     state.total = float(torch.where(keep, loss, torch.zeros((), dtype=torch.float64)).sum())
 
