@@ -597,6 +597,100 @@ def test_tracker_under_cpu_autocast(kind):
     assert float(((tr.norms - ref).abs() / ref).max()) <= 2e-2
 
 
+class TiedLM(nn.Module):
+    """Token model whose output head shares the input embedding's weight (as GPT-2 does); the head is registered
+    first, so the Linear owns the weight when the tracker walks the modules."""
+
+    def __init__(self, vocab=11, d=6, padding_idx=None, head_bias=False):
+        super().__init__()
+        self.head = nn.Linear(d, vocab, bias=head_bias)
+        self.emb = nn.Embedding(vocab, d, padding_idx=padding_idx)
+        self.head.weight = self.emb.weight
+        self.mix = nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        h = h + torch.tanh(self.mix(h)).cumsum(dim=1) / tokens.shape[1]  # positions see earlier ones
+        return self.head(self.ln(h))  # [B, T, vocab]
+
+
+def _lm_loss(model, tokens, reduction="mean"):
+    logits = model(tokens[:, :-1])
+    target = tokens[:, 1:]
+    per_token = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [B, T-1]
+    return per_token.mean(dim=1).mean() if reduction == "mean" else per_token.mean(dim=1).sum()
+
+
+def _lm_vmap_norms(model, tokens):
+    params = {k: v.detach() for k, v in model.named_parameters()}  # the tied weight once
+
+    def loss_one(p, tok):
+        return _lm_loss(lambda t: torch.func.functional_call(model, p, (t,)), tok.unsqueeze(0))
+
+    grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0))(params, tokens)
+    return sum(v.reshape(v.shape[0], -1).double().pow(2).sum(1) for v in grads.values()).sqrt()
+
+
+@pytest.mark.parametrize("method", ["auto", "direct", "ghost"])
+@pytest.mark.parametrize(("padding_idx", "head_bias"), [(None, False), (0, True)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_tracker_tied_embedding_and_head(method, padding_idx, head_bias, dtype):
+    torch.manual_seed(5)
+    model = TiedLM(padding_idx=padding_idx, head_bias=head_bias)
+    tokens = torch.randint(0, 11, (6, 9))
+    tokens[:, :2] = 3  # repeated tokens
+    tokens[1, 4] = tokens[2, 0] = 0  # the padding id, where there is one
+    if dtype == "float64":
+        model = model.double()
+    ref = _lm_vmap_norms(model, tokens)
+    model.zero_grad(set_to_none=True)
+    _lm_loss(model, tokens).backward()
+    want = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with GradNormTracker(model, method=method) as tr:
+        _lm_loss(model, tokens).backward()
+    _assert_grads_close({k: p.grad for k, p in model.named_parameters()}, want, 1e-10 if dtype == "float64" else 1e-5)
+    tol = 1e-10 if dtype == "float64" else 1e-5
+    assert float((tr.norms - ref).abs().max() / ref.abs().max()) <= tol
+    assert set(tr.layer_norms) == {"head", "emb", "mix", "ln"}
+    # without the cross term the norms would be wrong: the two uses' gradients are far from orthogonal here
+    no_cross = sum(v.pow(2) for v in tr.layer_norms.values()).sqrt()
+    assert float((no_cross - ref).abs().max() / ref.abs().max()) > 100 * tol
+
+
+def test_tracker_tied_with_gradient_penalty():
+    torch.manual_seed(6)
+    model = TiedLM(padding_idx=0).double()
+    tokens = torch.randint(0, 11, (5, 8))
+    params = list(model.parameters())
+
+    def penalised(tracker=None):
+        model.zero_grad(set_to_none=True)
+        loss = _lm_loss(model, tokens)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        (loss + 0.5 * sum(g.pow(2).sum() for g in grads)).backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    want = penalised()
+    with GradNormTracker(model, method="direct") as tr:
+        got = penalised()
+    _assert_grads_close(got, want, 1e-9)
+    ref = _lm_vmap_norms(model, tokens)
+    assert float((tr.norms - ref).abs().max() / ref.abs().max()) <= 1e-10
+
+
+def test_tracker_tied_errors():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    with pytest.raises(ValueError, match="one Embedding tied to the weight of one Linear"):
+        GradNormTracker(nn.Sequential(a, b))
+    emb, h1, h2 = nn.Embedding(5, 4), nn.Linear(4, 5), nn.Linear(4, 5)
+    h1.weight = h2.weight = emb.weight
+    with pytest.raises(ValueError, match="tied"):
+        GradNormTracker(nn.ModuleDict({"emb": emb, "h1": h1, "h2": h2}))
+
+
 def test_tracker_forwards_restored_and_no_grad_forward():
     model, x, y = _grad_models()["cnn"]
     convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

@@ -47,7 +47,11 @@ Other layers:
 Anything else that owns trainable parameters raises ``ValueError`` naming it when the tracker is created (BatchNorm
 mixes samples through its batch statistics, so its "per-sample gradient" is not defined). Frozen parameters
 (``requires_grad=False``) are skipped. A parameter shared between modules, or a module called more than once in one
-forward, is refused: the per-sample norm of a sum of contributions is not the sum of their norms.
+forward, is refused (the per-sample norm of a sum of contributions is not the sum of their norms), with one
+exception: an ``Embedding`` weight tied to a ``Linear`` weight (an input embedding and an output head, as in GPT-2).
+There the tied weight's per-sample gradient is ``E + H`` (the embedding's use and the head's), and the cross term
+``2⟨E, H⟩ = 2 Σ_t g_t · Σ_s u_s[tok_t] h_s`` (``g`` the embedding's output gradients, ``u`` and ``h`` the head's output
+gradients and inputs) is formed from one gather and one batched product of size ``[B, T, d]``, so ``norms`` is exact.
 """
 
 from __future__ import annotations
@@ -158,13 +162,19 @@ class GradNormTracker:
         self._batch: int | None = None
         self._backward_started = False
         self._task: int | None = None
+        self._cross: dict[str, torch.Tensor] = {}
+        self._tie_tokens: dict[str, torch.Tensor] = {}
+        self._tie_stash: dict[str, tuple[str, torch.Tensor]] = {}
         self._layers = self._collect()
 
     # -- set-up -------------------------------------------------------------------------------------------------------
     def _collect(self) -> list[tuple[str, nn.Module]]:
         owners: dict[int, str] = {}
+        owner_modules: dict[int, tuple[str, nn.Module]] = {}
         seen: dict[int, str] = {}
         layers = []
+        self._tie_head_of: dict[str, str] = {}  # embedding name -> the Linear sharing its weight
+        self._tie_emb_of: dict[str, str] = {}  # Linear name -> the embedding
         self._attention: list[tuple[str, nn.MultiheadAttention]] = []
         for name, module in self.model.named_modules(remove_duplicate=False):
             if isinstance(module, nn.MultiheadAttention) and any(p.requires_grad for p in module.parameters()):
@@ -186,11 +196,18 @@ class GradNormTracker:
                 if not p.requires_grad:
                     continue
                 if id(p) in owners:
-                    raise ValueError(
-                        f"GradNormTracker: parameter '{label}.{pname}' is shared with '{owners[id(p)]}' (tied "
-                        "weights); per-sample norms of shared parameters are not supported"
-                    )
+                    other_label, other = owner_modules[id(p)]
+                    pair = _embedding_head_tie(label, module, pname, other_label, other, owners[id(p)])
+                    if pair is None or pair[0] in self._tie_head_of or pair[1] in self._tie_emb_of:
+                        raise ValueError(
+                            f"GradNormTracker: parameter '{label}.{pname}' is shared with '{owners[id(p)]}' (tied "
+                            "weights); per-sample norms of shared parameters are supported only for the weight of "
+                            "one Embedding tied to the weight of one Linear (an input embedding and an output head)"
+                        )
+                    self._tie_head_of[pair[0]], self._tie_emb_of[pair[1]] = pair[1], pair[0]
+                    continue
                 owners[id(p)] = f"{label}.{pname}"
+                owner_modules[id(p)] = (label, module)
             if not isinstance(module, _SUPPORTED):
                 raise ValueError(_unsupported_message(label, module))
             if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
@@ -255,6 +272,9 @@ class GradNormTracker:
         self._batch = None
         self._backward_started = False
         self._task = None  # the autograd graph task of the step's first recorded gradient
+        self._cross: dict[str, torch.Tensor] = {}  # tied weights: 2⟨E_b, H_b⟩ per embedding name
+        self._tie_tokens: dict[str, torch.Tensor] = {}  # embedding name -> this step's token ids
+        self._tie_stash: dict[str, tuple[str, torch.Tensor]] = {}  # embedding name -> ("R" | "G", [B, T, d])
 
     # -- results ------------------------------------------------------------------------------------------------------
     def _scale(self) -> float:
@@ -262,7 +282,11 @@ class GradNormTracker:
 
     @property
     def layer_norms(self) -> dict[str, torch.Tensor]:
-        """Module name → per-sample L2 norm ``[B]`` (float64) of the gradient of that module's trainable parameters."""
+        """Module name → per-sample L2 norm ``[B]`` (float64) of the gradient of that module's trainable parameters.
+
+        For an Embedding whose weight is tied to a Linear's, each entry is the gradient through that module's own use
+        of the weight; ``norms`` adds the cross term of the two uses (so it is not the root of the sum of squares of
+        these entries)."""
         s = self._scale()
         return {name: sq.sqrt() * s for name, sq in self._sq.items()}
 
@@ -274,9 +298,9 @@ class GradNormTracker:
                 "no per-sample norms yet: run a forward and a backward inside the tracker's `with` block"
             )
         total = None
-        for sq in self._sq.values():
+        for sq in [*self._sq.values(), *self._cross.values()]:
             total = sq.clone() if total is None else total + sq
-        return total.sqrt() * self._scale()
+        return total.clamp_min(0.0).sqrt() * self._scale()
 
     # -- hooks --------------------------------------------------------------------------------------------------------
     def _make_forward_hook(self, name: str):
@@ -288,6 +312,8 @@ class GradNormTracker:
             self._begin_call(name, inputs[0])
             x = inputs[0]
             self._pending[name] = True
+            if name in self._tie_head_of:
+                self._tie_tokens[name] = x.detach()
             self._hook_output(name, output, x, lambda xd, g: self._layer_sq(name, module, xd, g))
 
         return hook
@@ -342,9 +368,44 @@ class GradNormTracker:
         prev = self._sq.get(name)
         self._sq[name] = sq if prev is None else prev + sq
 
+    # -- an Embedding's weight tied to a Linear's: the cross term of the two uses ----------------------------------
+    # Per sample, the tied weight's gradient is E + H, with E = Σ_t onehot(tok_t) g_tᵀ (the embedding's use) and
+    # H = Σ_s u_s h_sᵀ (the head's: output gradients u_s, inputs h_s). ‖E + H‖² = ‖E‖² + ‖H‖² + 2⟨E, H⟩, and
+    # ⟨E, H⟩ = Σ_t g_t · R_t with R_t = Σ_s u_s[tok_t] h_s. Whichever of the two backward steps comes second forms it.
+    def _tie_from_head(self, head: str, h3: torch.Tensor, u3: torch.Tensor) -> None:
+        emb = self._tie_emb_of.get(head)
+        tokens = None if emb is None else self._tie_tokens.get(emb)
+        if tokens is None:
+            return
+        b = h3.shape[0]
+        tok = tokens.reshape(b, -1)
+        u = u3.to(h3.dtype)
+        ug = torch.gather(u, 2, tok.unsqueeze(1).expand(b, u.shape[1], tok.shape[1]))  # [B, S, T]: u_s[tok_t]
+        r = torch.bmm(ug.transpose(1, 2), h3)  # [B, T, d]
+        padding = self._tie_padding(emb)
+        if padding is not None:
+            r = r.masked_fill((tok == padding).unsqueeze(2), 0)
+        self._tie_meet(emb, "R", r)
+
+    def _tie_padding(self, emb: str) -> int | None:
+        return dict(self._layers)[emb].padding_idx
+
+    def _tie_meet(self, emb: str, kind: str, t: torch.Tensor) -> None:
+        """Keeps the first of R (from the head) and G (the embedding's output gradients) of this step; with the second,
+        records 2⟨E, H⟩ per sample and drops both."""
+        other = self._tie_stash.pop(emb, None)
+        if other is None or other[0] == kind:
+            self._tie_stash[emb] = (kind, t.detach())
+            return
+        a, c = t.detach(), other[1]
+        dtype = torch.promote_types(a.dtype, c.dtype)
+        self._cross[emb] = 2.0 * (a.to(dtype) * c.to(dtype)).sum(dim=(1, 2), dtype=torch.float64)
+
     def _layer_sq(self, name: str, module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         self.methods[name] = "exact"
         if isinstance(module, nn.Embedding):
+            if name in self._tie_head_of:
+                self._tie_meet(name, "G", g.reshape(x.shape[0], -1, g.shape[-1]))
             if g.device.type == "cpu" and x.device.type == "cpu" and g.is_floating_point():
                 b = x.shape[0]
                 idx = x.reshape(b, -1)
@@ -359,6 +420,7 @@ class GradNormTracker:
     def _linear(self, name: str, a3: torch.Tensor, g3: torch.Tensor, weight: bool, bias: bool) -> torch.Tensor:
         if g3.dtype != a3.dtype:  # mixed precision: one documented cast to the input's dtype
             g3 = g3.to(a3.dtype)
+        self._tie_from_head(name, a3, g3)
         if weight:
             w, bsq, used = linear_grad_sqnorms(a3, g3, method=self.method, bias=bias)
             self.methods[name] = used
@@ -464,6 +526,20 @@ def _bookkeeping_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _embedding_head_tie(
+    label: str, module: nn.Module, pname: str, other_label: str, other: nn.Module, other_param: str
+) -> tuple[str, str] | None:
+    """(embedding name, Linear name) when the two owners of one parameter are an Embedding's weight and a Linear's
+    weight, else None."""
+    if pname != "weight" or not other_param.endswith(".weight"):
+        return None
+    if isinstance(module, nn.Embedding) and type(other) is nn.Linear:
+        return label, other_label
+    if isinstance(other, nn.Embedding) and type(module) is nn.Linear:
+        return other_label, label
+    return None
+
+
 def _graph_task() -> int:
     """The id of the autograd graph task running now (-1 outside a backward, or where torch does not say)."""
     fn = getattr(torch._C, "_current_graph_task_id", None)
@@ -506,6 +582,8 @@ class _LinearBookkeeping(torch.autograd.Function):
         a3, g3 = x.reshape(b, -1, d_in), g.reshape(b, -1, d_out)
         tracker = ctx.tracker
         gw = gb = None
+        if tracker._recording():
+            tracker._tie_from_head(ctx.name, a3.detach(), g3.detach())
         if torch.is_grad_enabled():  # backward(create_graph=True): gradients autograd can differentiate again
             if tracker._recording():
                 with torch.no_grad():
