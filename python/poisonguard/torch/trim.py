@@ -120,6 +120,28 @@ class _TrimmedCrossEntropy(torch.autograd.Function):
         return grad.view(ctx.shape), None, None, None, None, None
 
 
+def _keep_smallest(loss: torch.Tensor, valid: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` smallest entries of the 1-D ``loss`` among the ``valid`` ones (all when None): a
+    k-th-value selection, not a sort; equal values keep the lower index, NaN ranks after every number."""
+    loss = loss.detach()
+    nan = torch.isnan(loss)
+    ranked = ~nan if valid is None else valid & ~nan
+    idx = ranked.nonzero().squeeze(1)
+    keep = torch.zeros(loss.numel(), dtype=torch.bool, device=loss.device)
+    m = min(k, idx.numel())
+    if m == idx.numel():
+        keep[idx] = True
+    elif m:
+        vals = loss[idx]
+        v = torch.kthvalue(vals, m).values
+        sel = vals < v
+        sel[(vals == v).nonzero().squeeze(1)[: m - int(sel.sum())]] = True
+        keep[idx[sel]] = True
+    if k > m:  # NaN rows, lowest index first
+        keep[(nan if valid is None else valid & nan).nonzero().squeeze(1)[: k - m]] = True
+    return keep
+
+
 def _smooth(state: TrimState, x3: torch.Tensor, t: torch.Tensor, trim: float, ignore_index: int, eps: float) -> None:
     """Turns the kernel's per-row cross-entropy (all valid rows kept) into the label-smoothed loss
     ``(1 − ε)·CE + ε·(lse − mean_j x_j) = CE + ε·(x_t − mean_j x_j)`` (one more read of the logits) and keeps its
@@ -133,16 +155,7 @@ def _smooth(state: TrimState, x3: torch.Tensor, t: torch.Tensor, trim: float, ig
     smoothed = torch.where(torch.isinf(ce), ce, ce + eps * (xt - mean))  # a target at −inf: +inf, as torch
     loss = torch.where(valid, smoothed, torch.zeros((), dtype=torch.float64))
     k = keep_count(state.n_valid, trim)
-    if k == state.n_valid:
-        keep = valid
-    else:  # the k-th smallest valid loss (a selection, not a sort), then the lowest-indexed rows equal to it
-        idx = valid.nonzero().squeeze(1)
-        vals = loss[idx]
-        v = torch.kthvalue(vals, k).values
-        sel = vals < v
-        sel[(vals == v).nonzero().squeeze(1)[: k - int(sel.sum())]] = True
-        keep = torch.zeros(loss.numel(), dtype=torch.bool)
-        keep[idx] = sel
+    keep = _keep_smallest(loss, valid, k)
     state.loss, state.keep, state.k = loss, keep, k
     state.total = float(torch.where(keep, loss, torch.zeros((), dtype=torch.float64)).sum())
 
@@ -153,7 +166,7 @@ def _graph_gradient(ctx: Any, grad_out: torch.Tensor, factor: float) -> torch.Te
     upstream gradient, differentiated with ``create_graph=True``. The selection of kept rows is a constant."""
     _, t, _, _, keep, logits = ctx.saved_tensors
     b = logits.shape[0]
-    rows = (logits.unsqueeze(2) if logits.dim() == 2 else logits.reshape(b, logits.shape[1], -1)).to(torch.float64)
+    rows = _as_rows(logits)[0].to(torch.float64)
     with torch.enable_grad():
         loss = torch.nn.functional.cross_entropy(
             rows, t.view(b, -1), reduction="none", ignore_index=ctx.ignore_index, label_smoothing=ctx.smoothing
@@ -262,11 +275,7 @@ def _trimmed_cross_entropy_torch(
         label_smoothing=label_smoothing,
     ).reshape(-1)
     valid = t != ignore_index
-    # the k smallest valid losses, equal losses by row index (stable sorts): by loss, then valid rows first
-    order = torch.sort(rows.detach(), stable=True).indices
-    order = order[torch.sort((~valid[order]).to(torch.uint8), stable=True).indices]
-    keep = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
-    keep[order[:k]] = True
+    keep = _keep_smallest(rows, valid, k)
     kept = torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
     if reduction == "none":
         out = kept.view(row_shape)
@@ -334,7 +343,8 @@ def trimmed_loss(
 
     Keeps the ``k = ceil((1 − trim) · n)`` smallest values (equal values keep the lower flat index; NaN counts as
     the largest) and reduces them: "mean" (0 for an empty input), "sum", or "none" (same shape, dropped entries 0).
-    Differentiable through the kept entries; the selection is a stable sort of the detached values.
+    Differentiable through the kept entries; the selection (a k-th-value selection of the detached values) is a
+    constant.
     """
     trim = check_trim(trim)
     _check_reduction(reduction)
@@ -345,9 +355,7 @@ def trimmed_loss(
     flat = per_sample_losses.reshape(-1)
     n = flat.numel()
     k = keep_count(n, trim)
-    order = torch.sort(flat.detach(), stable=True).indices
-    keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
-    keep[order[:k]] = True
+    keep = _keep_smallest(flat, None, k)
     kept = torch.where(keep, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
     if reduction == "none":
         out = kept.view(per_sample_losses.shape)
