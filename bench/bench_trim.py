@@ -17,6 +17,7 @@ backward pass from the logits).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -82,12 +83,8 @@ def reference(x: torch.Tensor, t: torch.Tensor, trim: float, smoothing: float = 
 
 
 def bench_size(b: int, c: int, trim: float, repeat: int, smoothing: float = 0.0) -> dict:
-    def ours_s(x, t, trim, eager=DEFAULT_EAGER):
-        return ours(x, t, trim, eager, smoothing)
-
-    def reference_(x, t, trim):
-        return reference(x, t, trim, smoothing)
-
+    ours_s = functools.partial(ours, smoothing=smoothing)
+    reference_ = functools.partial(reference, smoothing=smoothing)
     g = torch.Generator().manual_seed(b + c)
     x = (torch.randn(b, c, generator=g) * 2).requires_grad_(True)
     t = torch.randint(0, c, (b,), generator=g)
