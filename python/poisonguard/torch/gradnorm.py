@@ -156,25 +156,16 @@ class GradNormTracker:
         self.method = method
         self._handles: list[Any] = []
         self._active = False
-        self._pending: dict[str, bool] = {}
-        self._sq: dict[str, torch.Tensor] = {}
-        self.methods: dict[str, str] = {}
-        self._batch: int | None = None
-        self._backward_started = False
-        self._task: int | None = None
-        self._cross: dict[str, torch.Tensor] = {}
-        self._tie_tokens: dict[str, torch.Tensor] = {}
-        self._tie_stash: dict[str, tuple[str, torch.Tensor]] = {}
+        self.reset()
         self._layers = self._collect()
 
     # -- set-up -------------------------------------------------------------------------------------------------------
     def _collect(self) -> list[tuple[str, nn.Module]]:
-        owners: dict[int, str] = {}
-        owner_modules: dict[int, tuple[str, nn.Module]] = {}
+        owners: dict[int, tuple[str, nn.Module, str]] = {}  # parameter -> (module name, module, parameter name)
         seen: dict[int, str] = {}
         layers = []
         self._tie_head_of: dict[str, str] = {}  # embedding name -> the Linear sharing its weight
-        self._tie_emb_of: dict[str, str] = {}  # Linear name -> the embedding
+        self._tie_emb_of: dict[str, tuple[str, nn.Embedding]] = {}  # Linear name -> the embedding
         self._attention: list[tuple[str, nn.MultiheadAttention]] = []
         for name, module in self.model.named_modules(remove_duplicate=False):
             if isinstance(module, nn.MultiheadAttention) and any(p.requires_grad for p in module.parameters()):
@@ -196,18 +187,19 @@ class GradNormTracker:
                 if not p.requires_grad:
                     continue
                 if id(p) in owners:
-                    other_label, other = owner_modules[id(p)]
-                    pair = _embedding_head_tie(label, module, pname, other_label, other, owners[id(p)])
-                    if pair is None or pair[0] in self._tie_head_of or pair[1] in self._tie_emb_of:
+                    other_label, _, other_pname = owners[id(p)]
+                    pair = _embedding_head_tie((label, module, pname), owners[id(p)])
+                    if pair is None or pair[0][0] in self._tie_head_of or pair[1] in self._tie_emb_of:
                         raise ValueError(
-                            f"GradNormTracker: parameter '{label}.{pname}' is shared with '{owners[id(p)]}' (tied "
-                            "weights); per-sample norms of shared parameters are supported only for the weight of "
-                            "one Embedding tied to the weight of one Linear (an input embedding and an output head)"
+                            f"GradNormTracker: parameter '{label}.{pname}' is shared with '{other_label}."
+                            f"{other_pname}' (tied weights); per-sample norms of shared parameters are supported "
+                            "only for the weight of one Embedding tied to the weight of one Linear (an input "
+                            "embedding and an output head)"
                         )
-                    self._tie_head_of[pair[0]], self._tie_emb_of[pair[1]] = pair[1], pair[0]
+                    (emb_name, emb), head = pair
+                    self._tie_head_of[emb_name], self._tie_emb_of[head] = head, (emb_name, emb)
                     continue
-                owners[id(p)] = f"{label}.{pname}"
-                owner_modules[id(p)] = (label, module)
+                owners[id(p)] = (label, module, pname)
             if not isinstance(module, _SUPPORTED):
                 raise ValueError(_unsupported_message(label, module))
             if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
@@ -266,12 +258,12 @@ class GradNormTracker:
 
     def reset(self) -> None:
         """Forgets the norms of the previous step."""
-        self._sq = {}
-        self.methods = {}
-        self._pending = {}
-        self._batch = None
+        self._sq: dict[str, torch.Tensor] = {}
+        self.methods: dict[str, str] = {}
+        self._pending: dict[str, bool] = {}
+        self._batch: int | None = None
         self._backward_started = False
-        self._task = None  # the autograd graph task of the step's first recorded gradient
+        self._task: int | None = None  # the autograd graph task of the step's first recorded gradient
         self._cross: dict[str, torch.Tensor] = {}  # tied weights: 2⟨E_b, H_b⟩ per embedding name
         self._tie_tokens: dict[str, torch.Tensor] = {}  # embedding name -> this step's token ids
         self._tie_stash: dict[str, tuple[str, torch.Tensor]] = {}  # embedding name -> ("R" | "G", [B, T, d])
@@ -373,8 +365,10 @@ class GradNormTracker:
     # H = Σ_s u_s h_sᵀ (the head's: output gradients u_s, inputs h_s). ‖E + H‖² = ‖E‖² + ‖H‖² + 2⟨E, H⟩, and
     # ⟨E, H⟩ = Σ_t g_t · R_t with R_t = Σ_s u_s[tok_t] h_s. Whichever of the two backward steps comes second forms it.
     def _tie_from_head(self, head: str, h3: torch.Tensor, u3: torch.Tensor) -> None:
-        emb = self._tie_emb_of.get(head)
-        tokens = None if emb is None else self._tie_tokens.get(emb)
+        if head not in self._tie_emb_of:
+            return
+        emb, module = self._tie_emb_of[head]
+        tokens = self._tie_tokens.get(emb)
         if tokens is None:
             return
         b = h3.shape[0]
@@ -382,13 +376,9 @@ class GradNormTracker:
         u = u3.to(h3.dtype)
         ug = torch.gather(u, 2, tok.unsqueeze(1).expand(b, u.shape[1], tok.shape[1]))  # [B, S, T]: u_s[tok_t]
         r = torch.bmm(ug.transpose(1, 2), h3)  # [B, T, d]
-        padding = self._tie_padding(emb)
-        if padding is not None:
-            r = r.masked_fill((tok == padding).unsqueeze(2), 0)
+        if module.padding_idx is not None:
+            r = r.masked_fill((tok == module.padding_idx).unsqueeze(2), 0)
         self._tie_meet(emb, "R", r)
-
-    def _tie_padding(self, emb: str) -> int | None:
-        return dict(self._layers)[emb].padding_idx
 
     def _tie_meet(self, emb: str, kind: str, t: torch.Tensor) -> None:
         """Keeps the first of R (from the head) and G (the embedding's output gradients) of this step; with the second,
@@ -527,16 +517,15 @@ def _bookkeeping_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _embedding_head_tie(
-    label: str, module: nn.Module, pname: str, other_label: str, other: nn.Module, other_param: str
-) -> tuple[str, str] | None:
-    """(embedding name, Linear name) when the two owners of one parameter are an Embedding's weight and a Linear's
-    weight, else None."""
-    if pname != "weight" or not other_param.endswith(".weight"):
+    a: tuple[str, nn.Module, str], b: tuple[str, nn.Module, str]
+) -> tuple[tuple[str, nn.Embedding], str] | None:
+    """((embedding name, embedding), Linear name) when the two owners ``(module name, module, parameter name)`` of one
+    parameter are an Embedding's weight and a Linear's weight, else None."""
+    if a[2] != "weight" or b[2] != "weight":
         return None
-    if isinstance(module, nn.Embedding) and type(other) is nn.Linear:
-        return label, other_label
-    if isinstance(other, nn.Embedding) and type(module) is nn.Linear:
-        return other_label, label
+    for (e_name, e, _), (h_name, h, _) in ((a, b), (b, a)):
+        if isinstance(e, nn.Embedding) and type(h) is nn.Linear:
+            return (e_name, e), h_name
     return None
 
 
@@ -582,10 +571,11 @@ class _LinearBookkeeping(torch.autograd.Function):
         a3, g3 = x.reshape(b, -1, d_in), g.reshape(b, -1, d_out)
         tracker = ctx.tracker
         gw = gb = None
-        if tracker._recording():
+        recording = tracker._recording()
+        if recording:
             tracker._tie_from_head(ctx.name, a3.detach(), g3.detach())
         if torch.is_grad_enabled():  # backward(create_graph=True): gradients autograd can differentiate again
-            if tracker._recording():
+            if recording:
                 with torch.no_grad():
                     wsq, bsq, *_ = linear_grad_bookkeeping(a3.detach(), g3.detach(), bias=need_b)
                 tracker._record(ctx.name, wsq + bsq if need_b else wsq)
@@ -593,7 +583,7 @@ class _LinearBookkeeping(torch.autograd.Function):
                 gw = g3.reshape(-1, d_out).t().mm(a3.reshape(-1, d_in))
             if need_b:
                 gb = g3.sum(dim=(0, 1))
-        elif tracker._recording():  # the kernel also sums the bias gradient (from the per-sample sums it squares)
+        elif recording:  # the kernel also sums the bias gradient (from the per-sample sums it squares)
             if need_b:
                 wsq, bsq, gw, gb = linear_grad_bookkeeping(a3, g3, bias=True, bias_grad=True)
                 tracker._record(ctx.name, wsq + bsq)
