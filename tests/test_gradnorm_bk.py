@@ -3,6 +3,7 @@ GradNormTracker's parameter gradients (which the book-keeping form computes itse
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -524,12 +525,7 @@ def _penalty_grads(model, x, y, tracker=None):
     through it), with the first backward inside ``tracker`` when one is given (and the second one too)."""
     params = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
-    if tracker is None:
-        loss = F.cross_entropy(model(x), y)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        (loss + 0.5 * sum(g.pow(2).sum() for g in grads)).backward()
-        return [g.detach() for g in grads], {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-    with tracker:
+    with tracker if tracker is not None else contextlib.nullcontext():
         loss = F.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         (loss + 0.5 * sum(g.pow(2).sum() for g in grads)).backward()
